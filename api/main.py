@@ -1,0 +1,153 @@
+"""The FastAPI application: routers, error handlers, limits, offline Swagger UI."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import fastapi_offline
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import errors
+from api.routes import admin, catalog, files, health, jobs
+from store.artifacts import artifact_store
+from store.settings import Settings, get_settings
+from worker.celery_app import make_celery
+
+SWAGGER_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+
+DESCRIPTION = """
+Atelier runs diffusion-model image editing, personalization and classification as durable jobs.
+
+1. Upload an image with `POST /v1/files` (or pass it inline as base64).
+2. Submit a job with the route of its method; you get a Job back at once.
+3. Follow it with `GET /v1/jobs/{id}` or the event stream `GET /v1/jobs/{id}/events`.
+4. Download the outputs from `GET /v1/files/{file_id}`.
+
+Authenticate with `Authorization: Bearer <api key>`.
+"""
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with 413, by header and by counting what arrives."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._reject(send)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        body = b'{"error":{"code":"too_large","message":"request body exceeds the size limit"}}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for `settings` (default: from the environment)."""
+    settings = settings or get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = FastAPI(
+        title="Atelier",
+        version="1.0.0",
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        openapi_tags=[
+            {"name": "files", "description": "Images in and out."},
+            {"name": "jobs", "description": "Follow, list and cancel jobs."},
+            {"name": "generations", "description": "Jobs that make images from text."},
+            {"name": "edits", "description": "Jobs that edit an input image."},
+            {"name": "catalog", "description": "Methods and base models of this server."},
+            {"name": "admin", "description": "Tenants and API keys (admin key)."},
+            {"name": "health", "description": "Liveness, readiness, metrics."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.artifacts = artifact_store(settings)
+    app.state.celery = make_celery(settings)
+    registry = CollectorRegistry()
+    app.state.metrics_registry = registry
+    requests = Counter("atelier_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
+    latency = Histogram("atelier_http_request_seconds", "HTTP request latency", ["route"], registry=registry)
+
+    errors.install(app)
+    for router in (files.router, jobs.router, catalog.router, admin.router, health.router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def count_requests(request: Any, call_next: Any) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        requests.labels(request.method, path, str(response.status_code)).inc()
+        latency.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    app.mount("/static/swagger", StaticFiles(directory=SWAGGER_ASSETS), name="swagger")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Atelier API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="/static/swagger/favicon.png",
+        )
+
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)  # type: ignore[arg-type]
+    return app
+
+
+def app_factory() -> FastAPI:
+    """For `uvicorn --factory api.main:app_factory`."""
+    return create_app()

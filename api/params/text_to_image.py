@@ -1,0 +1,35 @@
+"""Request schema of `text-to-image`."""
+
+from __future__ import annotations
+
+from pydantic import ConfigDict, Field
+
+from api.params.common import GuidanceScale, JobRequest, NegativePrompt, Prompt, Steps
+from api.registry import MethodSpec
+
+
+class TextToImageRequest(JobRequest):
+    """Generate images from a prompt."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "a large red circle at the center", "steps": 20, "seed": 1}]},
+    )
+
+    prompt: Prompt
+    negative_prompt: NegativePrompt = ""
+    steps: Steps = 25
+    guidance_scale: GuidanceScale = 7.5
+    width: int = Field(default=64, ge=8, le=2048, multiple_of=8, description="Image width in pixels.")
+    height: int = Field(default=64, ge=8, le=2048, multiple_of=8, description="Image height in pixels.")
+    num_images: int = Field(default=1, ge=1, le=8, description="Images to generate for the prompt.")
+
+
+SPEC = MethodSpec(
+    kind="text-to-image",
+    group="generations",
+    summary="Generate images from a text prompt (latent diffusion, DDIM, classifier-free guidance).",
+    request=TextToImageRequest,
+    runner="models.generation.text_to_image",
+    paper="Rombach et al., High-Resolution Image Synthesis with Latent Diffusion Models, CVPR 2022",
+)

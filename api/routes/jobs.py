@@ -1,0 +1,168 @@
+"""Jobs: one creation route per registered method, plus get, list, cancel and the event stream."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ArtifactsDep, SessionDep, SettingsDep, TenantDep
+from api.errors import ApiError, not_found
+from api.job_service import create_job
+from api.registry import MethodSpec, methods
+from api.schemas import JobOut, JobPage
+from store.db import session_scope
+from store.jobs import list_jobs, request_cancel
+from store.tables import TERMINAL_STATES, Job, JobState
+from worker.celery_app import publish_webhook
+
+router = APIRouter(tags=["jobs"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=200,
+        description="Same key and body returns the same job; same key with another body is a 422.",
+    ),
+]
+
+
+def _creation_route(spec: MethodSpec) -> Callable[..., JobOut]:
+    request_model: Any = spec.request
+
+    def create(
+        body: request_model,  # type: ignore[valid-type]
+        request: Request,
+        response: Response,
+        tenant: TenantDep,
+        session: SessionDep,
+        artifacts: ArtifactsDep,
+        settings: SettingsDep,
+        idempotency_key: IdempotencyKey = None,
+    ) -> JobOut:
+        job, created = create_job(
+            spec=spec,
+            request=body,
+            tenant=tenant,
+            idempotency_key=idempotency_key,
+            session=session,
+            artifacts=artifacts,
+            settings=settings,
+            celery=request.app.state.celery,
+        )
+        response.status_code = 201 if created else 200
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return JobOut.of(job)
+
+    create.__name__ = "create_" + spec.kind.replace("-", "_")
+    create.__doc__ = spec.summary
+    return create
+
+
+for _spec in methods().values():
+    router.add_api_route(
+        _spec.path,
+        _creation_route(_spec),
+        methods=["POST"],
+        status_code=201,
+        response_model=JobOut,
+        summary=_spec.summary.split(":")[0].split(".")[0],
+        description=f"{_spec.summary}\n\nPaper: {_spec.paper}\n\nQueue: `{_spec.queue}`.",
+        tags=[_spec.group],
+        operation_id=f"create_{_spec.kind.replace('-', '_')}",
+    )
+
+
+def _load(session: SessionDep, tenant_id: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
+    """A job's state, progress, timings, error and outputs."""
+    return JobOut.of(_load(session, tenant.id, job_id))
+
+
+@router.get("/v1/jobs", response_model=JobPage)
+def get_jobs(
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    status: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
+    kind: Annotated[str | None, Query(description="Only jobs of this kind.")] = None,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobPage:
+    """The tenant's jobs, newest first."""
+    if kind is not None and kind not in methods():
+        raise ApiError(422, "invalid_request", f"kind: unknown method {kind!r}", [{"field": "kind", "message": "unknown"}])
+    try:
+        rows, next_cursor = list_jobs(
+            session, tenant.id, state=status, kind=kind, cursor=cursor, limit=min(limit, settings.max_jobs_page)
+        )
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", "cursor: invalid cursor", [{"field": "cursor", "message": "invalid"}]) from exc
+    return JobPage(data=[JobOut.of(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, request: Request, tenant: TenantDep, session: SessionDep) -> JobOut:
+    """Cancel: a queued job never starts; a running job stops at its next denoising step."""
+    job = _load(session, tenant.id, job_id)
+    was_queued = job.state == JobState.queued
+    job = request_cancel(session, job)
+    if was_queued and job.state == JobState.canceled and job.callback_url:
+        try:
+            publish_webhook(request.app.state.celery, job.id)
+        except Exception:  # the reconciler does not resend webhooks; log and move on
+            pass
+    return JobOut.of(job)
+
+
+def _event(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(job_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
+    """Server-Sent Events: `progress` events, then one terminal event (`succeeded`, `failed`, `canceled`)."""
+    _load(session, tenant.id, job_id)
+    session.close()
+    url = settings.database_url
+
+    def snapshot() -> dict[str, Any]:
+        with session_scope(url) as scoped:
+            job = scoped.get(Job, job_id)
+            assert job is not None
+            return JobOut.of(job).model_dump(mode="json")
+
+    async def stream() -> AsyncIterator[str]:
+        last: tuple[str, int] | None = None
+        idle = 0.0
+        while True:
+            job = await run_in_threadpool(snapshot)
+            marker = (job["state"], job["progress"]["step"])
+            if job["state"] in TERMINAL_STATES:
+                yield _event(job["state"], job)
+                return
+            if marker != last:
+                yield _event("progress", job)
+                last, idle = marker, 0.0
+            elif idle >= 15.0:
+                yield ": keep-alive\n\n"
+                idle = 0.0
+            await asyncio.sleep(0.2)
+            idle += 0.2
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,1 @@
+"""Atelier's science: pure functions and small modules of torch/diffusers (see DESIGN.md)."""

@@ -1,0 +1,47 @@
+"""Classifier-free guidance and the DDIM sampling loop (Song et al., ICLR 2021)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from models.common.components import ProgressCallback, no_progress
+
+
+def guided_noise(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    timestep: torch.Tensor | int,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """eps = eps(z, c_empty) + w * (eps(z, c) - eps(z, c_empty)) (Ho & Salimans, 2022).
+
+    latents: (B, C, h, w); cond, uncond: (B, L, D). With w == 1 or no uncond, one UNet pass.
+    """
+    if uncond is None or guidance_scale == 1.0:
+        return unet(latents, timestep, encoder_hidden_states=cond).sample
+    both = unet(torch.cat([latents, latents]), timestep, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    eps_uncond, eps_cond = both.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def ddim_sample(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    guidance_scale: float,
+    callback: ProgressCallback = no_progress,
+) -> torch.Tensor:
+    """Denoise `latents` (B, C, h, w) through `timesteps` with deterministic DDIM (eta = 0)."""
+    total = len(timesteps)
+    for index, timestep in enumerate(timesteps):
+        model_input = scheduler.scale_model_input(latents, timestep)
+        noise = guided_noise(unet, model_input, timestep, cond, uncond, guidance_scale)
+        latents = scheduler.step(noise, timestep, latents).prev_sample
+        callback(index + 1, total)
+    return latents

@@ -1,0 +1,68 @@
+"""Text-to-image with latent diffusion (Rombach et al., CVPR 2022) and DDIM sampling.
+
+Implemented: classifier-free guidance, negative prompt, several images per prompt.
+Not implemented: other samplers, img2img (see `models/editing/sdedit.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
+from models.common.latents import decode, randn, tensor_to_images
+from models.common.sampling import ddim_sample
+from models.common.text import check_prompt, encode_prompts
+
+
+@dataclass(frozen=True)
+class Params:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance_scale: float = 7.5
+    width: int = 64
+    height: int = 64
+    num_images: int = 1
+
+
+@torch.no_grad()
+def run(
+    components: Components,
+    params: Params,
+    inputs: dict[str, object] | None = None,
+    *,
+    generator: torch.Generator,
+    callback: ProgressCallback = no_progress,
+) -> MethodOutput:
+    """Generate `params.num_images` images for `params.prompt`."""
+    # 1. Check inputs
+    factor = components.vae_scale
+    for name, value in (("width", params.width), ("height", params.height)):
+        if value % factor:
+            raise ValueError(f"{name} must be a multiple of {factor}, got {value}")
+    if params.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {params.steps}")
+    check_prompt(components.tokenizer, params.prompt)
+    check_prompt(components.tokenizer, params.negative_prompt, "negative_prompt")
+
+    # 2. Encode prompts
+    batch = params.num_images
+    cond = encode_prompts(components.text_encoder, components.tokenizer, [params.prompt] * batch)
+    uncond = encode_prompts(components.text_encoder, components.tokenizer, [params.negative_prompt] * batch)
+
+    # 3. Prepare timesteps and initial noise
+    scheduler = components.ddim()
+    scheduler.set_timesteps(params.steps, device=components.device)
+    shape = (batch, components.unet.config.in_channels, params.height // factor, params.width // factor)
+    latents = randn(shape, generator, components.device, components.dtype) * scheduler.init_noise_sigma
+
+    # 4. Denoise
+    latents = ddim_sample(
+        components.unet, scheduler, latents, scheduler.timesteps, cond, uncond, params.guidance_scale, callback
+    )
+
+    # 5. Decode
+    images = tensor_to_images(decode(components.vae, latents))
+    return MethodOutput(images=images, metrics={"steps": params.steps})

@@ -1,0 +1,242 @@
+"""The job lifecycle in the database: conditional claim, lease, guarded terminal writes.
+
+The row is the truth. Every transition is one conditional UPDATE, so two workers holding the same
+message (at-least-once delivery) can never both run a job, and a terminal state never changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from store.tables import TERMINAL_STATES, Job, JobState, utcnow
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker learns when it tries to claim a job."""
+
+    job: Job | None
+    reason: str  # claimed | not_found | terminal | held | exhausted
+
+
+def claim(session: Session, job_id: str, owner: str, lease_seconds: float) -> Claim:
+    """Take the job if it is queued, or running under an expired lease, and attempts remain."""
+    now = utcnow()
+    claimable = or_(
+        Job.state == JobState.queued,
+        and_(Job.state == JobState.running, Job.lease_expires_at < now),
+    )
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, claimable, Job.attempts < Job.max_attempts, Job.cancel_requested.is_(False))
+        .values(
+            state=JobState.running,
+            attempts=Job.attempts + 1,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            started_at=now,
+            updated_at=now,
+            error_code=None,
+            error_message=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        return Claim(None, "not_found")
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        return Claim(job, "claimed")
+    if job.state in TERMINAL_STATES:
+        return Claim(job, "terminal")
+    if job.cancel_requested and _cancel_unstarted(session, job_id):
+        return Claim(session.get(Job, job_id, populate_existing=True), "terminal")
+    expired = job.state == JobState.running and job.lease_expires_at is not None and job.lease_expires_at < now
+    if (job.state == JobState.queued or expired) and job.attempts >= job.max_attempts:
+        give_up(session, job_id, "worker_lost", f"the job ended its worker {job.attempts} times")
+        return Claim(session.get(Job, job_id, populate_existing=True), "exhausted")
+    return Claim(job, "held")
+
+
+def _cancel_unstarted(session: Session, job_id: str) -> bool:
+    """End a job whose cancel was asked for while nobody held a live lease on it."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            or_(Job.state == JobState.queued, and_(Job.state == JobState.running, Job.lease_expires_at < now)),
+        )
+        .values(state=JobState.canceled, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def give_up(session: Session, job_id: str, code: str, message: str) -> bool:
+    """Fail a job nobody holds a live lease on (its attempts are spent)."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            or_(Job.state == JobState.queued, and_(Job.state == JobState.running, Job.lease_expires_at < now)),
+        )
+        .values(state=JobState.failed, error_code=code, error_message=message, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def heartbeat(
+    session: Session, job_id: str, owner: str, lease_seconds: float, step: int | None = None, total: int | None = None
+) -> bool | None:
+    """Renew the lease (and record progress); returns cancel_requested, or None if the lease was lost."""
+    now = utcnow()
+    values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
+    if step is not None:
+        values["progress_step"] = step
+    if total is not None:
+        values["progress_total"] = total
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.running, Job.lease_owner == owner)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    if not result.rowcount:  # type: ignore[attr-defined]
+        return None
+    return bool(session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar_one())
+
+
+def finish(
+    session: Session,
+    job_id: str,
+    owner: str,
+    state: JobState,
+    *,
+    output_file_ids: list[str] | None = None,
+    metrics: dict[str, Any] | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> bool:
+    """The guarded terminal write: only the lease holder of a running job may end it."""
+    now = utcnow()
+    values: dict[str, Any] = {"state": state, "finished_at": now, "updated_at": now, "lease_expires_at": None}
+    if output_file_ids is not None:
+        values["output_file_ids"] = output_file_ids
+    if metrics is not None:
+        values["metrics"] = metrics
+    if error_code is not None:
+        values["error_code"] = error_code
+        values["error_message"] = error_message
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.running, Job.lease_owner == owner)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def request_cancel(session: Session, job: Job) -> Job:
+    """Cancel: a queued job ends now; a running one is flagged and stops at its next step."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == JobState.queued)
+        .values(state=JobState.canceled, cancel_requested=True, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == JobState.running)
+        .values(cancel_requested=True, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    refreshed = session.get(Job, job.id, populate_existing=True)
+    assert refreshed is not None
+    return refreshed
+
+
+def mark_published(session: Session, job_id: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(published_at=utcnow(), publish_count=Job.publish_count + 1)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+
+
+def republish_due(job: Job, now: datetime, after_seconds: float) -> bool:
+    """Whether a queued job's message may be lost: unpublished, or unclaimed for a backed-off while.
+
+    The wait doubles with each publish (up to 16x), so a long backlog is not flooded with copies.
+    """
+    if job.published_at is None:
+        return True
+    backoff = after_seconds * min(2 ** max(job.publish_count - 1, 0), 16)
+    return (now - job.published_at).total_seconds() >= backoff
+
+
+def stale_jobs(session: Session, older_than: datetime, limit: int = 200) -> list[Job]:
+    """Candidates the broker may have lost: queued and not published since `older_than`, or running on an
+    expired lease (filter queued ones further with `republish_due`)."""
+    now = utcnow()
+    query = (
+        select(Job)
+        .where(
+            or_(
+                and_(Job.state == JobState.queued, or_(Job.published_at.is_(None), Job.published_at < older_than)),
+                and_(Job.state == JobState.running, Job.lease_expires_at < now),
+            )
+        )
+        .order_by(Job.created_at)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Raises ValueError for a cursor this service did not issue."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, job_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        return datetime.fromisoformat(created), str(job_id)
+    except Exception as exc:
+        raise ValueError("invalid cursor") from exc
+
+
+def list_jobs(
+    session: Session, tenant_id: str, *, state: str | None, kind: str | None, cursor: str | None, limit: int
+) -> tuple[list[Job], str | None]:
+    """Newest first, keyset-paginated by (created_at, id)."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if state:
+        query = query.where(Job.state == state)
+    if kind:
+        query = query.where(Job.kind == kind)
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor

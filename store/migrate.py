@@ -1,0 +1,15 @@
+"""Bring a database to the newest schema with Alembic (used by `make serve`, the worker and tests)."""
+
+from __future__ import annotations
+
+from alembic import command
+from alembic.config import Config
+
+from store.settings import ROOT
+
+
+def upgrade(database_url: str) -> None:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", database_url)
+    command.upgrade(config, "head")

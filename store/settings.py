@@ -1,0 +1,77 @@
+"""One settings object for the API and the worker, read from the environment.
+
+`models/` never sees this: the worker passes what a method needs as arguments.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Atelier configuration. Every field is an environment variable `ATELIER_<NAME>` unless noted."""
+
+    model_config = SettingsConfigDict(env_prefix="ATELIER_", extra="ignore")
+
+    # Persistence and transport
+    database_url: str = Field(
+        default=f"sqlite:///{ROOT / 'var' / 'atelier.db'}",
+        validation_alias=AliasChoices("DATABASE_URL", "ATELIER_DATABASE_URL"),
+        description="SQLAlchemy URL: postgresql+psycopg://… in production, sqlite:///… embedded.",
+    )
+    broker_url: str = Field(
+        default="filesystem://",
+        validation_alias=AliasChoices("CELERY_BROKER_URL", "ATELIER_BROKER_URL"),
+        description="Celery broker: redis://… in production; filesystem:// needs no server.",
+    )
+    broker_dir: Path = Field(default=ROOT / "var" / "broker", description="Folder of the filesystem broker.")
+    artifact_store: Literal["local", "s3"] = "local"
+    artifacts_dir: Path = ROOT / "var" / "artifacts"
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_prefix: str = ""
+
+    # Models and devices
+    models_dir: Path = Field(default=ROOT / "zoo", description="Folder of diffusers-format base model folders.")
+    default_model: str = "shapes-sd-tiny"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    allow_downloads: bool = False
+
+    # Auth
+    admin_key: str | None = None
+    auth_disabled: bool = False
+    dev_api_key: str | None = None
+
+    # Limits
+    max_request_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_image_side: int = 4096
+    max_prompt_chars: int = 1000
+    max_jobs_page: int = 100
+
+    # Jobs
+    job_lease_seconds: float = 30.0
+    job_max_attempts: int = 3
+    job_soft_time_limit: float = 1800.0
+    job_hard_time_limit: float = 1900.0
+    progress_interval: float = 0.25
+    republish_after_seconds: float = 15.0
+    reconcile_interval: float = 5.0
+    webhook_secret: str = "change-me"
+    webhook_max_attempts: int = 5
+    webhook_timeout: float = 5.0
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests clear the cache after changing the environment)."""
+    return Settings()

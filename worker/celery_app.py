@@ -1,0 +1,66 @@
+"""The Celery application: transport only (the database holds the truth). Imports no torch."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from kombu import Queue
+
+from store.settings import Settings, get_settings
+
+log = logging.getLogger("atelier.queue")
+
+RUN_JOB = "atelier.run_job"
+DELIVER_WEBHOOK = "atelier.deliver_webhook"
+QUEUES = ("inference", "training")
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for the configured broker: late acks, prefetch 1, JSON only, two queues."""
+    app = Celery("atelier", broker=settings.broker_url, include=["worker.tasks"])
+    transport_options: dict[str, object] = {}
+    if settings.broker_url.startswith("filesystem"):
+        folder = settings.broker_dir
+        (folder / "out").mkdir(parents=True, exist_ok=True)
+        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder / "out"),
+            "data_folder_out": str(folder / "out"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    elif settings.broker_url.startswith("redis"):
+        # A message unacked for this long is redelivered; the lease makes that harmless.
+        transport_options = {"visibility_timeout": int(settings.job_hard_time_limit) + 60}
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue="inference",
+        task_soft_time_limit=settings.job_soft_time_limit,
+        task_time_limit=settings.job_hard_time_limit,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+    )
+    return app
+
+
+celery_app = make_celery(get_settings())
+
+
+def publish_job(app: Celery, job_id: str, queue: str) -> None:
+    """Send the run message for a committed job row (raises if the broker is unreachable)."""
+    app.send_task(RUN_JOB, args=[job_id], queue=queue, retry=True, retry_policy={"max_retries": 2})
+
+
+def publish_webhook(app: Celery, job_id: str) -> None:
+    app.send_task(DELIVER_WEBHOOK, args=[job_id], queue="inference", retry=True, retry_policy={"max_retries": 2})

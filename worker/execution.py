@@ -1,0 +1,210 @@
+"""Running one job: claim, heartbeat, call the method, write outputs, write the terminal state.
+
+This is the worker's whole logic; `worker/tasks.py` only hands it a job id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import io
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.registry import methods
+from models.common.components import MethodOutput
+from store.artifacts import ArtifactStore
+from store.files import get_file, store_output
+from store.jobs import claim, finish, heartbeat
+from store.settings import Settings
+from store.tables import Job, JobState
+from worker.runtime import ModelCache
+
+log = logging.getLogger("atelier.worker")
+
+
+class JobCanceled(Exception):
+    """The client asked to cancel; raised from the step callback."""
+
+
+class JobTimedOut(Exception):
+    """The job ran past its time limit."""
+
+
+class LeaseLost(Exception):
+    """Another worker took the job over (our lease expired) or it ended: stop without writing."""
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process holds across jobs."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    artifacts: ArtifactStore
+    cache: ModelCache
+    owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease every third of its length while the method runs."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.ctx, self.job_id = ctx, job_id
+        self.stop_event = threading.Event()
+        self.lost = False
+        self.cancel_requested = False
+
+    def run(self) -> None:
+        interval = max(self.ctx.settings.job_lease_seconds / 3, 0.05)
+        while not self.stop_event.wait(interval):
+            try:
+                with self.ctx.sessions() as session:
+                    state = heartbeat(session, self.job_id, self.ctx.owner, self.ctx.settings.job_lease_seconds)
+            except Exception:
+                log.warning("heartbeat for %s failed; retrying", self.job_id, exc_info=True)
+                continue
+            if state is None:
+                self.lost = True
+                return
+            self.cancel_requested = state
+
+
+class StepReporter:
+    """The method's per-step callback: progress (throttled), cancel and the time limit, checked every step."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str, beat: Heartbeat) -> None:
+        self.ctx, self.job_id, self.beat = ctx, job_id, beat
+        self.deadline = time.monotonic() + ctx.settings.job_soft_time_limit
+        self.last_write = 0.0
+
+    def __call__(self, step: int, total: int) -> None:
+        if self.beat.lost:
+            raise LeaseLost(self.job_id)
+        now = time.monotonic()
+        if now > self.deadline:
+            raise JobTimedOut(f"ran past the {self.ctx.settings.job_soft_time_limit:.0f} s limit")
+        with self.ctx.sessions() as session:
+            if step >= total or now - self.last_write >= self.ctx.settings.progress_interval:
+                state = heartbeat(
+                    session, self.job_id, self.ctx.owner, self.ctx.settings.job_lease_seconds, step, total
+                )
+                self.last_write = now
+                if state is None:
+                    raise LeaseLost(self.job_id)
+                cancel = state
+            else:
+                job = session.get(Job, self.job_id)
+                cancel = bool(job and job.cancel_requested)
+        if cancel:
+            raise JobCanceled()
+
+
+def _load_inputs(ctx: WorkerContext, session: Session, job: Job, image_fields: tuple[str, ...]) -> dict[str, Any]:
+    inputs: dict[str, Any] = {}
+    for name in image_fields:
+        file_id = job.params.get(name)
+        if not file_id:
+            continue
+        row = get_file(session, job.tenant_id, file_id)
+        if row is None:
+            raise ValueError(f"{name}: file {file_id} no longer exists")
+        inputs[name] = Image.open(io.BytesIO(ctx.artifacts.get(row.key))).convert("RGB")
+    return inputs
+
+
+def _method_params(params_cls: type, values: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(params_cls)}
+    return params_cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_outputs(ctx: WorkerContext, session: Session, job: Job, output: MethodOutput) -> list[str]:
+    named = [(f"image-{i}.png", image) for i, image in enumerate(output.images)]
+    named += [(f"{name}.png", image) for name, image in output.extra_images.items()]
+    return [
+        store_output(session, ctx.artifacts, job.tenant_id, job.id, name, _png(image), "image/png", image.size)
+        for name, image in named
+    ]
+
+
+def execute_job(ctx: WorkerContext, job_id: str) -> str:
+    """Run the job if this worker can claim it; returns what happened (for logs and tests)."""
+    # 1. Claim: a conditional update, so a duplicate message never runs a job twice.
+    with ctx.sessions() as session:
+        outcome = claim(session, job_id, ctx.owner, ctx.settings.job_lease_seconds)
+    if outcome.reason != "claimed" or outcome.job is None:
+        log.info("job %s not run: %s", job_id, outcome.reason)
+        return outcome.reason
+    job = outcome.job
+    spec = methods()[job.kind]
+    beat = Heartbeat(ctx, job_id)
+    beat.start()
+    started = time.perf_counter()
+    state, error_code, error_message = JobState.failed, "internal_error", "internal error"
+    outputs: list[str] = []
+    metrics: dict[str, Any] = {}
+    try:
+        # 2. Load the model (cached), the inputs and the method.
+        module = importlib.import_module(spec.runner)
+        components = ctx.cache.get(job.model)
+        with ctx.sessions() as session:
+            inputs = _load_inputs(ctx, session, job, spec.image_fields)
+        params = _method_params(module.Params, job.params)
+        generator = torch.Generator("cpu").manual_seed(int(job.params.get("seed", 0)))
+
+        # 3. Run it.
+        output: MethodOutput = module.run(
+            components, params, inputs, generator=generator, callback=StepReporter(ctx, job_id, beat)
+        )
+
+        # 4. Write outputs under deterministic keys.
+        with ctx.sessions() as session:
+            outputs = _write_outputs(ctx, session, job, output)
+        metrics = {**output.metrics, "run_seconds": round(time.perf_counter() - started, 4)}
+        state, error_code, error_message = JobState.succeeded, "", ""
+    except JobCanceled:
+        state, error_code, error_message = JobState.canceled, "", ""
+    except (JobTimedOut, SoftTimeLimitExceeded) as exc:
+        error_code, error_message = "timeout", str(exc) or "time limit exceeded"
+    except LeaseLost:
+        log.warning("job %s: lease lost, leaving it to its new owner", job_id)
+        return "lease_lost"
+    except ValueError as exc:
+        error_code, error_message = "invalid_input", str(exc)
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        error_code, error_message = "internal_error", f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        beat.stop_event.set()
+
+    # 5. The guarded terminal write.
+    with ctx.sessions() as session:
+        written = finish(
+            session,
+            job_id,
+            ctx.owner,
+            state,
+            output_file_ids=outputs if state == JobState.succeeded else None,
+            metrics=metrics if state == JobState.succeeded else None,
+            error_code=error_code or None,
+            error_message=error_message or None,
+        )
+    log.info("job %s %s%s", job_id, state, f" ({error_code})" if error_code else "")
+    return str(state) if written else "lease_lost"

@@ -1,0 +1,88 @@
+"""What a worker process owns: one device, and each base model loaded lazily once and cached."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from models.common.components import Components
+from store.settings import Settings
+
+log = logging.getLogger("atelier.worker")
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+
+
+def device_policy(settings: Settings) -> DevicePolicy:
+    """CUDA -> fp16 and SDPA attention (xformers when installed and chosen); CPU -> fp32."""
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("ATELIER_DEVICE=cuda but no CUDA device is available")
+    use_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if settings.dtype == "auto":
+        dtype = torch.float16 if use_cuda else torch.float32
+    else:
+        dtype = DTYPES[settings.dtype]
+    if not use_cuda and dtype == torch.float16:
+        raise RuntimeError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    return DevicePolicy(device=device, dtype=dtype, attention=settings.attention)
+
+
+def load_components(folder: Path, policy: DevicePolicy, allow_downloads: bool = False) -> Components:
+    """Load a diffusers-format model folder (safetensors only) onto the policy's device."""
+    common = {"use_safetensors": True, "local_files_only": not allow_downloads}
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=policy.dtype, **common)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=policy.dtype, **common)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=policy.dtype, **common)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=not allow_downloads)
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    for module in (unet, vae, text_encoder):
+        module.to(policy.device)
+        module.eval()
+        module.requires_grad_(False)
+    if policy.attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    return Components(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config
+    )
+
+
+class ModelCache:
+    """Base models by name, loaded on first use and kept for the life of the process."""
+
+    def __init__(self, models_dir: Path, policy: DevicePolicy, allow_downloads: bool = False) -> None:
+        self.models_dir = models_dir
+        self.policy = policy
+        self.allow_downloads = allow_downloads
+        self._loaded: dict[str, Components] = {}
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, name: str) -> Components:
+        with self._lock:
+            if name not in self._loaded:
+                folder = self.models_dir / name
+                if not (folder / "model_index.json").is_file():
+                    raise FileNotFoundError(f"base model {name!r} not found in {self.models_dir}")
+                log.info("loading base model %s on %s (%s)", name, self.policy.device, self.policy.dtype)
+                self._loaded[name] = load_components(folder, self.policy, self.allow_downloads)
+                self.loads += 1
+            return self._loaded[name]

@@ -1,0 +1,90 @@
+"""Celery tasks: thin, like web views. Each takes a job id and hands it to the real logic."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+from store.artifacts import artifact_store
+from store.db import session_factory
+from store.migrate import upgrade
+from store.settings import get_settings
+from store.tables import Job, utcnow
+from worker.celery_app import DELIVER_WEBHOOK, RUN_JOB, celery_app
+
+log = logging.getLogger("atelier.worker")
+_context: Any = None
+
+
+def context() -> Any:
+    """The process's WorkerContext, built on first use (in the pool child, after fork)."""
+    global _context
+    if _context is None:
+        from worker.execution import WorkerContext
+        from worker.runtime import ModelCache, device_policy
+
+        settings = get_settings()
+        _context = WorkerContext(
+            settings=settings,
+            sessions=session_factory(settings.database_url),
+            artifacts=artifact_store(settings),
+            cache=ModelCache(settings.models_dir, device_policy(settings), settings.allow_downloads),
+        )
+    return _context
+
+
+@celery_app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(job_id: str) -> str:
+    """Run one job by id."""
+    from worker.execution import execute_job
+
+    result = execute_job(context(), job_id)
+    if result in ("succeeded", "failed", "canceled", "exhausted", "terminal"):
+        _notify(job_id)
+    return result
+
+
+def _notify(job_id: str) -> None:
+    with session_factory(get_settings().database_url)() as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.callback_url and job.webhook_delivered_at is None:
+            celery_app.send_task(DELIVER_WEBHOOK, args=[job_id], queue="inference")
+
+
+@celery_app.task(name=DELIVER_WEBHOOK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
+def deliver_webhook(self: Any, job_id: str) -> str:
+    """POST the terminal state to the job's callback URL, retried with backoff."""
+    from worker.webhooks import deliver
+
+    settings = get_settings()
+    with session_factory(settings.database_url)() as session:
+        job = session.get(Job, job_id)
+        if job is None or not job.callback_url or job.webhook_delivered_at is not None:
+            return "skipped"
+        job.webhook_attempts += 1
+        session.commit()
+        try:
+            status = deliver(job, settings.webhook_secret, settings.webhook_timeout)
+            ok = 200 <= status < 300
+        except Exception:
+            ok = False
+        if ok:
+            job.webhook_delivered_at = utcnow()
+            session.commit()
+            return "delivered"
+        if job.webhook_attempts >= settings.webhook_max_attempts:
+            log.warning("webhook for %s given up after %d attempts", job_id, job.webhook_attempts)
+            return "given_up"
+    raise self.retry(countdown=min(2 ** (self.request.retries + 1), 60))
+
+
+@signals.worker_ready.connect
+def _start_reconciler(sender: Any = None, **_: Any) -> None:
+    """Each worker instance runs the reconciler beside its pool."""
+    from worker.reconciler import Reconciler
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    Reconciler(session_factory(settings.database_url), celery_app, settings).start()
