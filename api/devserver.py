@@ -40,8 +40,22 @@ def start_workers(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     workers = []
     for queue in ("inference", "training"):
         command = [
-            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-            "-Q", queue, "-c", "1", "--pool", "prefork", "-n", f"{queue}@%h", "--loglevel", "INFO",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "-Q",
+            queue,
+            "-c",
+            "1",
+            "--pool",
+            "prefork",
+            "-n",
+            f"{queue}@%h",
+            "--loglevel",
+            "INFO",
         ]
         workers.append(subprocess.Popen(command, cwd=ROOT, env=env))
     return workers

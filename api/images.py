@@ -46,9 +46,7 @@ def check_image(data: bytes, max_pixels: int, max_side: int, field: str = "file"
     if image_format not in FORMATS:
         raise ApiError(422, "unsupported_image", f"{field}: format {image_format} is not one of PNG, JPEG, WebP")
     if width * height > max_pixels or max(width, height) > max_side:
-        raise ApiError(
-            413, "image_too_large", f"{field}: {width}x{height} exceeds the limit of {max_pixels} pixels"
-        )
+        raise ApiError(413, "image_too_large", f"{field}: {width}x{height} exceeds the limit of {max_pixels} pixels")
     try:
         image.load()  # a truncated file fails here
     except Exception as exc:
@@ -63,5 +61,8 @@ def decode_base64(value: str, field: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ApiError(
-            422, "invalid_request", f"{field}: neither a file id nor valid base64", [{"field": field, "message": "bad base64"}]
+            422,
+            "invalid_request",
+            f"{field}: neither a file id nor valid base64",
+            [{"field": field, "message": "bad base64"}],
         ) from exc

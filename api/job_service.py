@@ -37,9 +37,7 @@ def _existing(session: Session, tenant: Tenant, key: str, digest: str) -> Job | 
         select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key)
     ).scalar_one_or_none()
     if job is not None and job.request_hash != digest:
-        raise ApiError(
-            422, "idempotency_key_reused", "Idempotency-Key was already used with a different request body"
-        )
+        raise ApiError(422, "idempotency_key_reused", "Idempotency-Key was already used with a different request body")
     return job
 
 
@@ -101,8 +99,13 @@ def create_job(
     try:
         for field, checked in inline.items():
             row = store_input(
-                session, artifacts, tenant.id, checked.data, checked.content_type,
-                (checked.width, checked.height), "inline",
+                session,
+                artifacts,
+                tenant.id,
+                checked.data,
+                checked.content_type,
+                (checked.width, checked.height),
+                "inline",
             )
             written.append(row.key)
             params[field] = row.id

@@ -28,6 +28,7 @@ from store.tenants import create_key, create_tenant
 
 ZOO_MODEL = ROOT / "zoo" / "shapes-sd-tiny"
 ADMIN_KEY = "test-admin-key"
+WEBHOOK_SECRET = "test-webhook-secret"
 
 
 def _reset_database(url: str) -> None:
@@ -59,6 +60,7 @@ def env_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "ATELIER_ARTIFACTS_DIR": str(base / "artifacts"),
         "ATELIER_MODELS_DIR": os.environ.get("ATELIER_TEST_MODELS_DIR", str(ZOO_MODEL.parent)),
         "ATELIER_ADMIN_KEY": ADMIN_KEY,
+        "ATELIER_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "ATELIER_JOB_LEASE_SECONDS": "3",
         "ATELIER_REPUBLISH_AFTER_SECONDS": "2",
         "ATELIER_RECONCILE_INTERVAL": "1",
@@ -132,11 +134,27 @@ def _process_env(env_settings: dict[str, str], **extra: str) -> dict[str, str]:
     return env
 
 
-def start_worker(env_settings: dict[str, str], log_path: Path, queues: str = "inference,training") -> subprocess.Popen[bytes]:
+def start_worker(
+    env_settings: dict[str, str], log_path: Path, queues: str = "inference,training"
+) -> subprocess.Popen[bytes]:
     """A real Celery worker process (prefork, one child) on the test broker and database."""
     command = [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues, "-c", "1",
-        "--pool", "prefork", "-n", f"test-{secrets.token_hex(3)}@%h", "--loglevel", "INFO",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        "1",
+        "--pool",
+        "prefork",
+        "-n",
+        f"test-{secrets.token_hex(3)}@%h",
+        "--loglevel",
+        "INFO",
     ]
     log = log_path.open("wb")
     process = subprocess.Popen(
@@ -167,7 +185,9 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) ->
 
 
 @pytest.fixture(scope="session")
-def worker(settings: Settings, env_settings: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+def worker(
+    settings: Settings, env_settings: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[bytes]]:
     """One real worker for the whole session."""
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     process = start_worker(env_settings, log_path)
@@ -176,14 +196,30 @@ def worker(settings: Settings, env_settings: dict[str, str], tmp_path_factory: p
 
 
 @pytest.fixture(scope="session")
-def live_server(settings: Settings, env_settings: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def live_server(
+    settings: Settings, env_settings: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """The API served by uvicorn in its own process; yields its base URL."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:app_factory", "--factory", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=_process_env(env_settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.main:app_factory",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=_process_env(env_settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60

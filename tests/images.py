@@ -28,6 +28,7 @@ def encoded(data: bytes, fmt: str) -> bytes:
 
 def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
     """A tiny PNG whose header declares width x height pixels (a decompression bomb)."""
+
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 

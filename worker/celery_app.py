@@ -29,11 +29,15 @@ def make_celery(settings: Settings) -> Celery:
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            "polling_interval": 0.1,
         }
     elif settings.broker_url.startswith("redis"):
         # A message unacked for this long is redelivered; the lease makes that harmless.
         transport_options = {"visibility_timeout": int(settings.job_hard_time_limit) + 60}
     app.conf.update(
+        # Celery lets CELERY_BROKER_URL override `broker`; the settings object is the one source.
+        broker_read_url=settings.broker_url,
+        broker_write_url=settings.broker_url,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,

@@ -80,6 +80,16 @@ def deliver_webhook(self: Any, job_id: str) -> str:
     raise self.retry(countdown=min(2 ** (self.request.retries + 1), 60))
 
 
+@signals.worker_process_init.connect
+def _warm_up(**_: Any) -> None:
+    """Load torch and the default base model when the pool child starts, not on the first job."""
+    ctx = context()
+    try:
+        ctx.cache.get(ctx.settings.default_model)
+    except Exception:
+        log.warning("could not preload %s", ctx.settings.default_model, exc_info=True)
+
+
 @signals.worker_ready.connect
 def _start_reconciler(sender: Any = None, **_: Any) -> None:
     """Each worker instance runs the reconciler beside its pool."""

@@ -10,9 +10,7 @@ from api.registry import IMAGE_FIELD_MARK
 
 MAX_PROMPT_CHARS = 1000
 
-Prompt = Annotated[
-    str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the image should show.")
-]
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the image should show.")]
 NegativePrompt = Annotated[
     str, Field(max_length=MAX_PROMPT_CHARS, description="What to steer away from (the unconditional prompt).")
 ]

@@ -27,9 +27,7 @@ class SDEditRequest(JobRequest):
 
     image: ImageRef
     prompt: Prompt
-    strength: float = Field(
-        default=0.6, gt=0.0, le=1.0, description="t0 / T: 0 keeps the input, 1 ignores it."
-    )
+    strength: float = Field(default=0.6, gt=0.0, le=1.0, description="t0 / T: 0 keeps the input, 1 ignores it.")
     steps: Steps = 25
     guidance_scale: GuidanceScale = 7.5
     negative_prompt: NegativePrompt = ""

@@ -102,13 +102,17 @@ def get_jobs(
 ) -> JobPage:
     """The tenant's jobs, newest first."""
     if kind is not None and kind not in methods():
-        raise ApiError(422, "invalid_request", f"kind: unknown method {kind!r}", [{"field": "kind", "message": "unknown"}])
+        raise ApiError(
+            422, "invalid_request", f"kind: unknown method {kind!r}", [{"field": "kind", "message": "unknown"}]
+        )
     try:
         rows, next_cursor = list_jobs(
             session, tenant.id, state=status, kind=kind, cursor=cursor, limit=min(limit, settings.max_jobs_page)
         )
     except ValueError as exc:
-        raise ApiError(422, "invalid_request", "cursor: invalid cursor", [{"field": "cursor", "message": "invalid"}]) from exc
+        raise ApiError(
+            422, "invalid_request", "cursor: invalid cursor", [{"field": "cursor", "message": "invalid"}]
+        ) from exc
     return JobPage(data=[JobOut.of(r) for r in rows], next_cursor=next_cursor)
 
 

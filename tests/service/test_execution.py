@@ -1,0 +1,106 @@
+"""The worker's job logic in-process: time limits, shared model state, outputs written once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from store.artifacts import artifact_store
+from store.db import session_factory, session_scope
+from store.settings import Settings
+from store.tables import Job, StoredFile, new_id
+from tests.conftest import make_tenant
+from worker.execution import WorkerContext, execute_job
+from worker.runtime import DevicePolicy, ModelCache
+
+
+@pytest.fixture(scope="module")
+def cache(settings: Settings) -> ModelCache:
+    return ModelCache(settings.models_dir, DevicePolicy(torch.device("cpu"), torch.float32, "sdpa"))
+
+
+def context(settings: Settings, cache: ModelCache, **overrides: object) -> WorkerContext:
+    current = settings.model_copy(update=overrides)
+    return WorkerContext(
+        settings=current, sessions=session_factory(current.database_url), artifacts=artifact_store(current), cache=cache
+    )
+
+
+def add_job(settings: Settings, tenant_id: str, kind: str, params: dict[str, object]) -> str:
+    with session_scope(settings.database_url) as session:
+        job = Job(
+            id=new_id("job"),
+            tenant_id=tenant_id,
+            kind=kind,
+            queue="inference",
+            model=settings.default_model,
+            params={"seed": 0, **params},
+            max_attempts=3,
+        )
+        session.add(job)
+        return job.id
+
+
+def job_row(settings: Settings, job_id: str) -> Job:
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def test_soft_time_limit_fails_the_job_as_timeout(settings: Settings, cache: ModelCache) -> None:
+    tenant_id, _ = make_tenant(settings)
+    job_id = add_job(settings, tenant_id, "text-to-image", {"prompt": "a red circle", "steps": 200, "num_images": 8})
+    ctx = context(settings, cache, job_soft_time_limit=0.5)
+    cache.get(settings.default_model)
+    assert execute_job(ctx, job_id) == "failed"
+    job = job_row(settings, job_id)
+    assert job.error_code == "timeout" and job.progress_step < 200
+    assert job.output_file_ids == []
+
+
+def test_a_job_leaves_the_cached_model_unchanged(settings: Settings, cache: ModelCache) -> None:
+    """The same base-model job gives the same bytes before and after other jobs on the same worker."""
+    tenant_id, _ = make_tenant(settings)
+    ctx = context(settings, cache)
+    components = cache.get(settings.default_model)
+    before = {name: tensor.clone() for name, tensor in components.unet.state_dict().items()}
+    processors = dict(components.unet.attn_processors)
+
+    probe = {"prompt": "a small green hexagon at the top right", "steps": 6}
+    first = add_job(settings, tenant_id, "text-to-image", probe)
+    assert execute_job(ctx, first) == "succeeded"
+    other = add_job(settings, tenant_id, "text-to-image", {"prompt": "a blue square", "steps": 3, "seed": 9})
+    assert execute_job(ctx, other) == "succeeded"
+    second = add_job(settings, tenant_id, "text-to-image", probe)
+    assert execute_job(ctx, second) == "succeeded"
+
+    with session_scope(settings.database_url) as session:
+        hashes = [
+            session.get(StoredFile, job_row(settings, j).output_file_ids[0]).sha256  # type: ignore[union-attr]
+            for j in (first, second)
+        ]
+    assert hashes[0] == hashes[1]
+    after = components.unet.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert dict(components.unet.attn_processors).keys() == processors.keys()
+    assert all(type(components.unet.attn_processors[k]) is type(v) for k, v in processors.items())
+
+
+def test_rerun_overwrites_outputs_instead_of_duplicating(settings: Settings, cache: ModelCache) -> None:
+    tenant_id, _ = make_tenant(settings)
+    ctx = context(settings, cache)
+    job_id = add_job(settings, tenant_id, "text-to-image", {"prompt": "a red circle", "steps": 2})
+    assert execute_job(ctx, job_id) == "succeeded"
+    with session_scope(settings.database_url) as session:  # as if the terminal write had been lost
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state, job.lease_owner = "queued", None
+    assert execute_job(dataclasses.replace(ctx, owner="another-worker"), job_id) == "succeeded"
+    with session_scope(settings.database_url) as session:
+        count = session.scalar(select(func.count()).select_from(StoredFile).where(StoredFile.job_id == job_id))
+    assert count == 1
+    assert job_row(settings, job_id).attempts == 2
