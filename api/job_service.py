@@ -19,9 +19,9 @@ from api.params.common import JobRequest
 from api.registry import MethodSpec
 from store.artifacts import ArtifactStore
 from store.files import get_file, store_input
-from store.jobs import mark_published
+from store.jobs import mark_unpublished
 from store.settings import Settings
-from store.tables import Job, Tenant, new_id
+from store.tables import Job, Tenant, new_id, utcnow
 from worker.celery_app import publish_job
 
 log = logging.getLogger("atelier.api")
@@ -122,6 +122,8 @@ def create_job(
             idempotency_key=idempotency_key,
             request_hash=digest,
             callback_url=str(request.callback_url) if request.callback_url else None,
+            published_at=utcnow(),  # optimistic: undone below if the publish fails
+            publish_count=1,
         )
         session.add(job)
         session.commit()
@@ -143,7 +145,7 @@ def create_job(
     # 4. Publish after commit; if the broker is down, the reconciler publishes it later.
     try:
         publish_job(celery, job.id, job.queue)
-        mark_published(session, job.id)
     except Exception:
         log.warning("could not publish job %s now; the reconciler will", job.id, exc_info=True)
+        mark_unpublished(session, job.id)
     return job, True

@@ -100,23 +100,25 @@ def give_up(session: Session, job_id: str, code: str, message: str) -> bool:
 def heartbeat(
     session: Session, job_id: str, owner: str, lease_seconds: float, step: int | None = None, total: int | None = None
 ) -> bool | None:
-    """Renew the lease (and record progress); returns cancel_requested, or None if the lease was lost."""
+    """Renew the lease (and record progress) in one statement.
+
+    Returns the job's cancel_requested flag, or None if this worker no longer holds the job.
+    """
     now = utcnow()
     values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
     if step is not None:
         values["progress_step"] = step
     if total is not None:
         values["progress_total"] = total
-    result = session.execute(
+    row = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.running, Job.lease_owner == owner)
         .values(**values)
+        .returning(Job.cancel_requested)
         .execution_options(synchronize_session=False)
-    )
+    ).first()
     session.commit()
-    if not result.rowcount:  # type: ignore[attr-defined]
-        return None
-    return bool(session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar_one())
+    return None if row is None else bool(row[0])
 
 
 def finish(
@@ -129,10 +131,13 @@ def finish(
     metrics: dict[str, Any] | None = None,
     error_code: str | None = None,
     error_message: str | None = None,
+    progress: tuple[int, int] | None = None,
 ) -> bool:
     """The guarded terminal write: only the lease holder of a running job may end it."""
     now = utcnow()
     values: dict[str, Any] = {"state": state, "finished_at": now, "updated_at": now, "lease_expires_at": None}
+    if progress is not None:
+        values["progress_step"], values["progress_total"] = progress
     if output_file_ids is not None:
         values["output_file_ids"] = output_file_ids
     if metrics is not None:
@@ -181,8 +186,16 @@ def mark_published(session: Session, job_id: str) -> None:
     session.commit()
 
 
+def mark_unpublished(session: Session, job_id: str) -> None:
+    """The publish failed: make the job the reconciler's first candidate."""
+    session.execute(
+        update(Job).where(Job.id == job_id).values(published_at=None).execution_options(synchronize_session=False)
+    )
+    session.commit()
+
+
 def republish_due(job: Job, now: datetime, after_seconds: float) -> bool:
-    """Whether a queued job's message may be lost: unpublished, or unclaimed for a backed-off while.
+    """Whether a job's message may be lost: unpublished, or not taken up for a backed-off while.
 
     The wait doubles with each publish (up to 16x), so a long backlog is not flooded with copies.
     """

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     attention: Literal["sdpa", "xformers"] = "sdpa"
     allow_downloads: bool = False
+    torch_threads: int = Field(
+        default=1,
+        ge=0,
+        description="CPU threads per worker process (0: torch's default). 1 is fastest for the tiny zoo model "
+        "on a shared CPU; raise it for a large model on a CPU-only worker.",
+    )
 
     # Auth
     admin_key: str | None = None

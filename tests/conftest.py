@@ -180,8 +180,12 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) ->
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+            pass
+    try:  # whatever is left of the group (pool children, a devserver's workers)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

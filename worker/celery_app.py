@@ -48,6 +48,8 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A pool child loads torch and the default model at start (worker.tasks._warm_up).
+        worker_proc_alive_timeout=120,
         task_queues=[Queue(name) for name in QUEUES],
         task_default_queue="inference",
         task_soft_time_limit=settings.job_soft_time_limit,

@@ -57,7 +57,11 @@ class WorkerContext:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the lease every third of its length while the method runs."""
+    """Beside the method, renews the lease, writes the latest progress and reads the cancel flag.
+
+    One UPDATE ... RETURNING every `progress_interval` seconds, so a denoising step never waits for
+    the database: the step callback only reads the flags this thread keeps.
+    """
 
     def __init__(self, ctx: WorkerContext, job_id: str) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
@@ -65,50 +69,44 @@ class Heartbeat(threading.Thread):
         self.stop_event = threading.Event()
         self.lost = False
         self.cancel_requested = False
+        self.progress: tuple[int, int] | None = None
+        self._written: tuple[int, int] | None = None
 
     def run(self) -> None:
-        interval = max(self.ctx.settings.job_lease_seconds / 3, 0.05)
-        while not self.stop_event.wait(interval):
-            try:
-                with self.ctx.sessions() as session:
-                    state = heartbeat(session, self.job_id, self.ctx.owner, self.ctx.settings.job_lease_seconds)
-            except Exception:
-                log.warning("heartbeat for %s failed; retrying", self.job_id, exc_info=True)
-                continue
-            if state is None:
-                self.lost = True
-                return
-            self.cancel_requested = state
+        settings = self.ctx.settings
+        interval = max(min(settings.progress_interval, settings.job_lease_seconds / 3), 0.02)
+        with self.ctx.sessions() as session:
+            while not self.stop_event.wait(interval):
+                progress = self.progress
+                step, total = progress if progress and progress != self._written else (None, None)
+                try:
+                    state = heartbeat(session, self.job_id, self.ctx.owner, settings.job_lease_seconds, step, total)
+                except Exception:
+                    session.rollback()
+                    log.warning("heartbeat for %s failed; retrying", self.job_id, exc_info=True)
+                    continue
+                self._written = progress
+                if state is None:
+                    self.lost = True
+                    return
+                self.cancel_requested = state
 
 
 class StepReporter:
-    """The method's per-step callback: progress (throttled), cancel and the time limit, checked every step."""
+    """The method's per-step callback: checks cancel, lease and time limit; hands progress to the heartbeat."""
 
     def __init__(self, ctx: WorkerContext, job_id: str, beat: Heartbeat) -> None:
         self.ctx, self.job_id, self.beat = ctx, job_id, beat
         self.deadline = time.monotonic() + ctx.settings.job_soft_time_limit
-        self.last_write = 0.0
 
     def __call__(self, step: int, total: int) -> None:
+        self.beat.progress = (step, total)
         if self.beat.lost:
             raise LeaseLost(self.job_id)
-        now = time.monotonic()
-        if now > self.deadline:
-            raise JobTimedOut(f"ran past the {self.ctx.settings.job_soft_time_limit:.0f} s limit")
-        with self.ctx.sessions() as session:
-            if step >= total or now - self.last_write >= self.ctx.settings.progress_interval:
-                state = heartbeat(
-                    session, self.job_id, self.ctx.owner, self.ctx.settings.job_lease_seconds, step, total
-                )
-                self.last_write = now
-                if state is None:
-                    raise LeaseLost(self.job_id)
-                cancel = state
-            else:
-                job = session.get(Job, self.job_id)
-                cancel = bool(job and job.cancel_requested)
-        if cancel:
+        if self.beat.cancel_requested:
             raise JobCanceled()
+        if time.monotonic() > self.deadline:
+            raise JobTimedOut(f"ran past the {self.ctx.settings.job_soft_time_limit:.0f} s limit")
 
 
 def _load_inputs(ctx: WorkerContext, session: Session, job: Job, image_fields: tuple[str, ...]) -> dict[str, Any]:
@@ -170,14 +168,19 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
         generator = torch.Generator("cpu").manual_seed(int(job.params.get("seed", 0)))
 
         # 3. Run it.
-        output: MethodOutput = module.run(
-            components, params, inputs, generator=generator, callback=StepReporter(ctx, job_id, beat)
-        )
+        reporter = StepReporter(ctx, job_id, beat)
+        method_started = time.perf_counter()
+        output: MethodOutput = module.run(components, params, inputs, generator=generator, callback=reporter)
+        method_seconds = time.perf_counter() - method_started
 
         # 4. Write outputs under deterministic keys.
         with ctx.sessions() as session:
             outputs = _write_outputs(ctx, session, job, output)
-        metrics = {**output.metrics, "run_seconds": round(time.perf_counter() - started, 4)}
+        metrics = {
+            **output.metrics,
+            "method_seconds": round(method_seconds, 4),
+            "run_seconds": round(time.perf_counter() - started, 4),
+        }
         state, error_code, error_message = JobState.succeeded, "", ""
     except JobCanceled:
         state, error_code, error_message = JobState.canceled, "", ""
@@ -205,6 +208,7 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             metrics=metrics if state == JobState.succeeded else None,
             error_code=error_code or None,
             error_message=error_message or None,
+            progress=beat.progress,
         )
     log.info("job %s %s%s", job_id, state, f" ({error_code})" if error_code else "")
     return str(state) if written else "lease_lost"

@@ -30,7 +30,7 @@ def reconcile_once(sessions: sessionmaker[Session], celery: Celery, settings: Se
                     if job.callback_url:
                         publish_webhook(celery, job.id)
                 continue
-            if job.state == JobState.queued and not republish_due(job, now, settings.republish_after_seconds):
+            if not republish_due(job, now, settings.republish_after_seconds):
                 continue
             try:
                 publish_job(celery, job.id, job.queue)

@@ -25,6 +25,7 @@ class DevicePolicy:
     device: torch.device
     dtype: torch.dtype
     attention: str
+    threads: int = 0
 
 
 def device_policy(settings: Settings) -> DevicePolicy:
@@ -39,7 +40,9 @@ def device_policy(settings: Settings) -> DevicePolicy:
         dtype = DTYPES[settings.dtype]
     if not use_cuda and dtype == torch.float16:
         raise RuntimeError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-    return DevicePolicy(device=device, dtype=dtype, attention=settings.attention)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    return DevicePolicy(device=device, dtype=dtype, attention=settings.attention, threads=torch.get_num_threads())
 
 
 def load_components(folder: Path, policy: DevicePolicy, allow_downloads: bool = False) -> Components:

@@ -19,6 +19,7 @@ from worker.runtime import DevicePolicy, ModelCache
 
 @pytest.fixture(scope="module")
 def cache(settings: Settings) -> ModelCache:
+    torch.set_num_threads(1)  # as the worker does (ATELIER_TORCH_THREADS)
     return ModelCache(settings.models_dir, DevicePolicy(torch.device("cpu"), torch.float32, "sdpa"))
 
 

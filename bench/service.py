@@ -1,0 +1,222 @@
+"""`make bench-service`: what the service costs on top of the method.
+
+Measures, in one run: a 20-step `sdedit` job on the bundled model submitted over HTTP (submit to
+terminal state, warm worker) against the same `run(...)` call made in-process; the cold start of the
+first job; and how many status polls per second the API answers.
+
+Uses DATABASE_URL / CELERY_BROKER_URL when set (PostgreSQL + Redis), else embedded SQLite and the
+filesystem broker.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import free_port, machine, spawn, stop, wait_http, wait_log, write_results
+
+N_JOBS = int(os.environ.get("BENCH_JOBS", "20"))
+STEPS = 20
+STRENGTH = 1.0  # all 20 steps run
+POLL_SECONDS = 5.0
+
+
+def input_png() -> bytes:
+    from PIL import Image
+
+    from models.shapes.world import Scene, ShapeObject, render
+
+    scene = Scene(objects=(ShapeObject("circle", "red", "large", "center"),), background="light")
+    buffer = io.BytesIO()
+    Image.fromarray(render(scene).image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def in_process(image_bytes: bytes, model_dir: Path) -> list[float]:
+    import torch
+    from PIL import Image
+
+    from models.editing import sdedit
+    from worker.runtime import DevicePolicy, load_components
+
+    torch.set_num_threads(int(os.environ.get("ATELIER_TORCH_THREADS", "1")))  # as the worker does
+    components = load_components(model_dir, DevicePolicy(torch.device("cpu"), torch.float32, "sdpa"))
+    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    params = sdedit.Params(prompt="a large blue square at the center", strength=STRENGTH, steps=STEPS)
+    times = []
+    for i in range(N_JOBS + 2):
+        started = time.perf_counter()
+        sdedit.run(components, params, {"image": image}, generator=torch.Generator("cpu").manual_seed(i))
+        if i >= 2:  # warm-up, as the worker is warm
+            times.append(time.perf_counter() - started)
+    return times
+
+
+BREAKDOWN: list[dict[str, float]] = []
+
+
+def over_http(http: httpx.Client, file_id: str, seed: int) -> float:
+    body = {"image": file_id, "prompt": "a large blue square at the center", "strength": STRENGTH, "steps": STEPS}
+    started = time.perf_counter()
+    job = http.post("/v1/edits/sdedit", json={**body, "seed": seed}).json()
+    while job["state"] not in ("succeeded", "failed", "canceled"):
+        time.sleep(float(os.environ.get("BENCH_POLL", "0.02")))
+        job = http.get(f"/v1/jobs/{job['id']}").json()
+    elapsed = time.perf_counter() - started
+    if job["state"] != "succeeded":
+        raise RuntimeError(job)
+    BREAKDOWN.append(
+        {
+            "queued_s": job["queued_seconds"],
+            "worker_s": job["run_seconds"],
+            "method_s": job["metrics"]["method_seconds"],
+            "total_s": elapsed,
+        }
+    )
+    return elapsed
+
+
+def poll_throughput(base: str, headers: dict[str, str], job_id: str, threads: int = 4) -> float:
+    counts = [0] * threads
+    stop_at = time.perf_counter() + POLL_SECONDS
+
+    def hammer(index: int) -> None:
+        with httpx.Client(base_url=base, headers=headers) as client:
+            while time.perf_counter() < stop_at:
+                client.get(f"/v1/jobs/{job_id}").raise_for_status()
+                counts[index] += 1
+
+    workers = [threading.Thread(target=hammer, args=(i,)) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return sum(counts) / POLL_SECONDS
+
+
+def main() -> None:
+    from store.db import session_scope
+    from store.migrate import upgrade
+    from store.settings import Settings
+    from store.tenants import create_key, create_tenant
+
+    work = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    env = dict(os.environ)
+    env.setdefault("DATABASE_URL", f"sqlite:///{work / 'bench.db'}")
+    env.setdefault("CELERY_BROKER_URL", "filesystem://")
+    env.update({"ATELIER_BROKER_DIR": str(work / "broker"), "ATELIER_ARTIFACTS_DIR": str(work / "artifacts")})
+    env["PYTHONUNBUFFERED"] = "1"
+    os.environ.update(env)
+    settings = Settings()
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        tenant = create_tenant(session, f"bench-{int(time.time())}")
+        _, key = create_key(session, tenant.id)
+    headers = {"Authorization": f"Bearer {key}"}
+    image_bytes = input_png()
+    model_dir = settings.models_dir / settings.default_model
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    api_args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "api.main:app_factory",
+        "--factory",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    server = spawn(api_args, env, work / "api.log")
+    worker = None
+    try:
+        wait_http(base + "/healthz")
+        with httpx.Client(base_url=base, headers=headers, timeout=120) as http:
+            file_id = http.post("/v1/files", files={"file": ("in.png", image_bytes, "image/png")}).json()["id"]
+
+            # Cold start: worker process launch -> first job done.
+            launched = time.perf_counter()
+            worker_args = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "-Q",
+                "inference",
+                "-c",
+                "1",
+                "--pool",
+                "prefork",
+                "-n",
+                "bench@%h",
+                "--loglevel",
+                "INFO",
+            ]
+            worker = spawn(worker_args, env, work / "worker.log")
+            wait_log(work / "worker.log", b"ready.")
+            ready = time.perf_counter() - launched
+            first = over_http(http, file_id, 0)
+            cold = time.perf_counter() - launched
+
+            over_http(http, file_id, 1)  # one more warm-up
+            BREAKDOWN.clear()
+            http_times = [over_http(http, file_id, 2 + i) for i in range(N_JOBS)]
+            last_job = http.get("/v1/jobs", params={"limit": 1}).json()["data"][0]["id"]
+        polls = poll_throughput(base, headers, last_job)
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(server)
+
+    local_times = in_process(image_bytes, model_dir)
+    http_median, local_median = statistics.median(http_times), statistics.median(local_times)
+    ratio = http_median / local_median
+    data: dict[str, Any] = {
+        "machine": machine(),
+        "database": settings.database_url.split(":")[0],
+        "broker": settings.broker_url.split(":")[0],
+        "jobs": N_JOBS,
+        "steps": STEPS,
+        "http_median_s": round(http_median, 4),
+        "in_process_median_s": round(local_median, 4),
+        "ratio_median": round(ratio, 3),
+        "ratio_target": 1.10,
+        "http_p90_s": round(sorted(http_times)[int(0.9 * (len(http_times) - 1))], 4),
+        "cold_worker_ready_s": round(ready, 2),
+        "cold_first_job_s": round(first, 2),
+        "cold_launch_to_first_result_s": round(cold, 2),
+        "status_polls_per_s": round(polls, 1),
+        "breakdown_median_s": {k: round(statistics.median(b[k] for b in BREAKDOWN), 4) for k in BREAKDOWN[0]},
+    }
+    markdown = (
+        f"| measure | value |\n|---|---|\n"
+        f"| stack | {data['database']} + {data['broker']} broker, {machine()['cpu_count']} CPU cores |\n"
+        f"| 20-step sdedit over HTTP, median (submit -> terminal) | {http_median * 1000:.0f} ms |\n"
+        f"| same `run(...)` in-process, median | {local_median * 1000:.0f} ms |\n"
+        f"| ratio at the median (target <= 1.10) | {ratio:.3f} |\n"
+        f"| cold start: worker launch -> ready | {ready:.1f} s |\n"
+        f"| cold start: first job (submit -> terminal) | {first:.2f} s |\n"
+        f"| status polls per second (4 clients) | {polls:.0f} |\n"
+        f"| breakdown (medians): submit -> claimed / claimed -> terminal / method in worker | "
+        + " / ".join(f"{data['breakdown_median_s'][k] * 1000:.0f} ms" for k in ("queued_s", "worker_s", "method_s"))
+        + " |\n"
+    )
+    write_results(f"service-{data['database']}-{data['broker']}", data, markdown)
+    sys.stdout.write(markdown)
+
+
+if __name__ == "__main__":
+    main()
