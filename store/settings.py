@@ -61,7 +61,6 @@ class Settings(BaseSettings):
     max_request_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_image_side: int = 4096
-    max_prompt_chars: int = 1000
     max_jobs_page: int = 100
 
     # Jobs
