@@ -1,0 +1,1 @@
+"""ShapesWorld: seeded scenes of coloured shapes (`world`) and a classical image oracle (`oracle`)."""
