@@ -178,7 +178,7 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) ->
         except ProcessLookupError:
             return
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
     try:  # whatever is left of the group (pool children, a devserver's workers)

@@ -24,7 +24,9 @@ def make_celery(settings: Settings) -> Celery:
         folder = settings.broker_dir
         (folder / "out").mkdir(parents=True, exist_ok=True)
         (folder / "processed").mkdir(parents=True, exist_ok=True)
+        (folder / "control").mkdir(parents=True, exist_ok=True)
         transport_options = {
+            "control_folder": str(folder / "control"),
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
