@@ -89,7 +89,8 @@ def generate(ctx: BenchContext, prompts: list[str], guidance: float, batch: int 
 
 def accuracy(expected: list[Scene], images: list[Image.Image]) -> tuple[float, dict[str, float]]:
     """Share of images whose every object is right, and per-attribute accuracy over objects."""
-    right, per_attribute = 0, {a: [] for a in ATTRIBUTES}  # type: dict[str, list[bool]]
+    right = 0
+    per_attribute: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
     for scene, image in zip(expected, images, strict=True):
         seen = read_scene(image)
         right += scene_correct(scene, seen)
