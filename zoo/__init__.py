@@ -1,0 +1,1 @@
+"""Scripts that train and export the bundled ShapesWorld model zoo (see zoo/train.py)."""
