@@ -73,6 +73,7 @@ def create_job(
     params = request.method_params()
     inline: dict[str, Any] = {}
     input_ids: list[str] = []
+    sizes: dict[str, tuple[int, int]] = {}
     for field in spec.image_fields:
         value = params.get(field)
         if value is None:
@@ -93,6 +94,10 @@ def create_job(
             inline[field] = checked
         if width % 8 or height % 8:
             raise invalid(field, f"image sides must be multiples of 8, got {width}x{height}")
+        sizes[field] = (width, height)
+    if "mask" in sizes and "image" in sizes and sizes["mask"] != sizes["image"]:
+        (mw, mh), (iw, ih) = sizes["mask"], sizes["image"]
+        raise invalid("mask", f"mask is {mw}x{mh}, the image is {iw}x{ih}: they must be the same size")
 
     # 3. Write inline images and the row in one transaction; undo the bytes if the commit fails.
     written: list[str] = []

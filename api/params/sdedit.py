@@ -9,7 +9,12 @@ from api.registry import MethodSpec
 
 
 class SDEditRequest(JobRequest):
-    """Edit an image by noising it to `strength` and denoising it towards the prompt."""
+    """Edit an image by noising it to `strength` and denoising it towards the prompt.
+
+    The same job serves SDEdit's guided-synthesis uses: the image may be a crude colour-stroke painting
+    (it becomes a realistic image) or a cut-and-paste composite (the pasted patch is harmonised). The
+    prompt describes the image wanted; higher strength trades faithfulness to the input for realism.
+    """
 
     model_config = ConfigDict(
         extra="forbid",
@@ -20,7 +25,13 @@ class SDEditRequest(JobRequest):
                     "prompt": "a large blue square at the center",
                     "strength": 0.6,
                     "steps": 20,
-                }
+                },
+                {
+                    "image": "file_0123456789abcdef01234568",
+                    "prompt": "a small red circle at the top left and a large green triangle at the bottom right",
+                    "strength": 0.7,
+                    "steps": 25,
+                },
             ]
         },
     )
@@ -36,7 +47,8 @@ class SDEditRequest(JobRequest):
 SPEC = MethodSpec(
     kind="sdedit",
     group="edits",
-    summary="SDEdit: perturb the image with noise to t0 = strength * T, then denoise towards the prompt.",
+    summary="SDEdit: perturb the image with noise to t0 = strength * T, then denoise towards the prompt. "
+    "Also turns a colour-stroke painting into a realistic image and harmonises a pasted composite.",
     request=SDEditRequest,
     runner="models.editing.sdedit",
     paper="Meng et al., SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations, ICLR 2022",

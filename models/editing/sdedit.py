@@ -2,8 +2,11 @@
 
 The input is noised to t0 = strength * T and denoised with the pretrained model and the prompt.
 Low strength keeps the input (faithfulness), high strength follows the model (realism).
-Implemented: the basic edit with DDIM and classifier-free guidance.
-Not yet implemented: stroke painting and compositing presets, masks (issue 4).
+Implemented: the edit with DDIM and classifier-free guidance. The paper's guided-synthesis uses are this
+same function with another input (Sec. 5): a crude colour-stroke painting becomes a realistic image,
+and a cut-and-paste composite is harmonised (inputs of both: `models/shapes/strokes.py`; measured by
+the bench group `sdedit`). Editing inside a mask: `models/editing/region_edit.py`.
+Not implemented: the paper's K-fold repetition of perturb-and-denoise (Algorithm 1 with K > 1).
 """
 
 from __future__ import annotations
