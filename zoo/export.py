@@ -112,6 +112,13 @@ def model_card(
     commands = "\n".join(training_commands(manifest.get("commands", []), unet_dir))
     final_loss = last_loss.get("loss", float("nan"))
     settings = manifest.get(unet_dir, {})
+    settings_text = ", ".join(f"`{key}={value}`" for key, value in settings.items())
+    data = manifest.get("data", {})
+
+    def final_gap(key: str) -> str:
+        return f"{100 * last_eval[key]:.1f}%" if key in last_eval else "n/a"
+
+    text_config, unet_config = pipeline.text_encoder.config, pipeline.unet.config
     return f"""# shapes-sd-tiny
 
 A tiny text-to-image latent diffusion model in the exact Stable Diffusion 1.5 layout, trained from
@@ -134,11 +141,10 @@ StableDiffusionPipeline.from_pretrained("zoo/shapes-sd-tiny", safety_checker=Non
 - Tokenizer: CLIP-format byte-level BPE built from the world's vocabulary; every world word is one
   token ("two-tone" is `two - tone`, as CLIP splits hyphens), other words fall back to byte tokens;
   `model_max_length` {pipeline.tokenizer.model_max_length}.
-- Text encoder: CLIPTextModel, hidden {pipeline.text_encoder.config.hidden_size},
-  {pipeline.text_encoder.config.num_hidden_layers} layers.
-- UNet: block_out_channels {list(pipeline.unet.config.block_out_channels)},
-  {list(pipeline.unet.config.down_block_types)}, cross-attention dim
-  {pipeline.unet.config.cross_attention_dim}.
+- Text encoder: CLIPTextModel, hidden {text_config.hidden_size}, {text_config.num_hidden_layers} layers, \
+{text_config.num_attention_heads} heads.
+- UNet: block_out_channels {list(unet_config.block_out_channels)}, {", ".join(unet_config.down_block_types)} \
+(cross-attention at 16x16, 8x8 and in the 4x4 mid block), cross-attention dim {unet_config.cross_attention_dim}.
 - Scheduler: SD 1.5's DDIM configuration (scaled_linear 0.00085..0.012, 1000 steps, epsilon).
 - Weights: fp32 safetensors{", exponential moving average" if use_ema else ""}.
 
@@ -150,21 +156,21 @@ Commands (in order, from the repository root):
 {commands}
 ```
 
-- Data: {manifest.get("data", {}).get("n_scenes", "?")} training scenes (seed
-  {manifest.get("data", {}).get("seed", "?")}), {manifest.get("data", {}).get("n_variants", "?")} caption
-  variants each (the canonical caption first), held-out concepts excluded; a separate held-out set for
-  evaluation.
-- VAE: {last_vae.get("step", "?")} steps, wall {last_vae.get("wall_s", 0) / 60:.1f} min, final loss
-  {last_vae.get("loss", float("nan")):.4f}, held-out PSNR {vae_psnr[-1] if vae_psnr else float("nan"):.1f} dB.
-- UNet + text encoder: {unet_step} steps, settings `{json.dumps(settings)}`,
-  wall {last_loss.get("wall_s", 0) / 60:.1f} min, final training loss {final_loss:.4f}.
+- Data: {data.get("n_scenes", "?")} training scenes (seed {data.get("seed", "?")}), {data.get("n_variants", "?")} \
+captions each (the canonical one first, then template variants); held-out concepts excluded; a
+separate held-out set of {data.get("n_eval", "?")} scenes for the diagnostic below.
+- VAE: {last_vae.get("step", "?")} steps of batch {manifest.get("vae", {}).get("batch_size", "?")}, \
+wall {last_vae.get("wall_s", 0) / 60:.1f} min, final loss {last_vae.get("loss", float("nan")):.4f}, \
+held-out PSNR {vae_psnr[-1] if vae_psnr else float("nan"):.1f} dB.
+- UNet + text encoder: {unet_step} of {settings.get("steps", "?")} steps of batch {settings.get("batch_size", "?")}, \
+wall {last_loss.get("wall_s", 0) / 60:.1f} min, final training loss {final_loss:.4f}.
+- Settings: {settings_text}.
 - Training-only choices (none changes the layout or how the model samples): the UNet trains on cached
-  VAE posterior means; the caption is the canonical one {settings.get("canonical_fraction", "?")} of the
-  time and empty {settings.get("caption_dropout", "?")} of the time (classifier-free guidance); a share of
-  {settings.get("high_t_fraction", "?")} of each batch draws t from the noisier half, where the caption
-  decides the composition; epsilon-loss weighting `{settings.get("loss_weighting", "?")}`; the text encoder,
-  which starts from nothing, learns {settings.get("text_lr_mult", "?")}x faster; AdamW with warmup and
-  cosine decay, gradient clipping, EMA of the weights.
+VAE posterior means; the canonical caption is used {settings.get("canonical_fraction", "?")} of the time and
+the empty one {settings.get("caption_dropout", "?")} of the time (classifier-free guidance); \
+{settings.get("high_t_fraction", "?")} of each batch draws t from the noisier half, where the caption decides the
+composition; loss weighting `{settings.get("loss_weighting", "?")}`; the text encoder, which starts from nothing, \
+learns {settings.get("text_lr_mult", "?")}x faster; AdamW with warmup and cosine decay, gradient clipping, EMA.
 
 ### Conditioning diagnostic
 
@@ -176,8 +182,8 @@ caption (wrong), at fixed timesteps 50..950 and fixed noise, raw (not EMA) weigh
 | --- | --- | --- | --- | --- | --- | --- | --- |
 {gap_rows}
 
-Final: gap overall {100 * last_eval.get("gap", float("nan")):.1f}%, at high noise
-{100 * last_eval.get("gap_high", float("nan")):.1f}%.
+Final: gap {final_gap("gap")} overall, {final_gap("gap_high")} at high noise; against a wrong caption \
+{final_gap("gap_wrong_high")} at high noise.
 
 ## Quality
 

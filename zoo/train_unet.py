@@ -51,7 +51,7 @@ EVAL_TIMESTEPS = (50, 200, 350, 500, 650, 800, 950)
 class UnetTrainParams:
     """Optimisation settings of the UNet + text encoder stage."""
 
-    steps: int = 3500
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
     text_lr_mult: float = 3.0
@@ -60,8 +60,8 @@ class UnetTrainParams:
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
     canonical_fraction: float = 0.7
-    high_t_fraction: float = 0.3
-    loss_weighting: str = "min_snr"
+    high_t_fraction: float = 0.5
+    loss_weighting: str = "p2"
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     eval_every: int = 250
