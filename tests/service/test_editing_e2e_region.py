@@ -43,7 +43,8 @@ def first_object_mask(size: int = 64) -> np.ndarray:
 
 
 def test_region_edit_end_to_end_sparse_and_dense(client: TestClient, auth: dict[str, str]) -> None:
-    """Upload image and mask, run the job sparse and dense: outside the region the input, inside close."""
+    """Upload image and mask, run the job sparse and dense: outside the region exactly the input, both ways.
+    How close sparse is to dense inside is the model test's business (tests/models/test_region_edit.py)."""
     image = render(SCENE).image
     body = {
         "image": upload(client, auth, image),
@@ -67,8 +68,7 @@ def test_region_edit_end_to_end_sparse_and_dense(client: TestClient, auth: dict[
         assert inside[first_object_mask() > 0].all() and not inside.all()
         assert np.array_equal(edited[~inside], image[~inside])
         results[sparse] = edited
-    difference = np.abs(results[True] - results[False])
-    assert difference.max() <= 40, difference.max()  # the bound of tests/models/test_region_edit.py
+    assert not np.array_equal(results[True], image)  # the region was edited
 
 
 def test_a_mask_of_another_size_is_a_422_and_stores_no_job(client: TestClient, auth: dict[str, str]) -> None:
