@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.catalog import find_model
 from api.errors import ApiError, invalid, not_found
-from api.images import check_image, decode_base64
+from api.images import CheckedImage, check_image, decode_base64
 from api.params.common import JobRequest
 from api.registry import MethodSpec
 from store.artifacts import ArtifactStore
@@ -70,12 +70,17 @@ def create_job(
         raise invalid("model", f"{model_name} lacks {', '.join(missing)} needed by {spec.kind}")
 
     # 2. Resolve image fields: existing file ids are checked; base64 is validated (stored in step 3).
-    params = request.method_params()
-    inline: dict[str, Any] = {}
+    params: dict[str, Any] = request.method_params()
+    inline: list[tuple[str, CheckedImage]] = []  # (field name, image)
     input_ids: list[str] = []
     sizes: dict[str, tuple[int, int]] = {}
-    for field in spec.image_fields:
-        value = params.get(field)
+    refs: list[tuple[str, tuple[str, int] | None, Any]] = [(f, None, params.get(f)) for f in spec.image_fields]
+    refs += [
+        (f"{field}[{index}]", (field, index), value)
+        for field in spec.image_list_fields
+        for index, value in enumerate(params.get(field) or [])
+    ]
+    for name, _, value in refs:
         if value is None:
             continue
         if isinstance(value, str) and value.startswith("file_"):
@@ -83,26 +88,27 @@ def create_job(
             if row is None:
                 raise not_found("file", value)
             if not row.content_type.startswith("image/"):
-                raise invalid(field, f"file {value} is not an image")
+                raise invalid(name, f"file {value} is not an image")
             width, height = row.width or 0, row.height or 0
             input_ids.append(value)
         else:
             checked = check_image(
-                decode_base64(str(value), field), settings.max_image_pixels, settings.max_image_side, field
+                decode_base64(str(value), name), settings.max_image_pixels, settings.max_image_side, name
             )
             width, height = checked.width, checked.height
-            inline[field] = checked
+            inline.append((name, checked))
         if width % 8 or height % 8:
-            raise invalid(field, f"image sides must be multiples of 8, got {width}x{height}")
-        sizes[field] = (width, height)
+            raise invalid(name, f"image sides must be multiples of 8, got {width}x{height}")
+        sizes[name] = (width, height)
     if "mask" in sizes and "image" in sizes and sizes["mask"] != sizes["image"]:
         (mw, mh), (iw, ih) = sizes["mask"], sizes["image"]
         raise invalid("mask", f"mask is {mw}x{mh}, the image is {iw}x{ih}: they must be the same size")
+    positions = {name: where for name, where, _ in refs}  # where an inline image's file id goes
 
     # 3. Write inline images and the row in one transaction; undo the bytes if the commit fails.
     written: list[str] = []
     try:
-        for field, checked in inline.items():
+        for name, checked in inline:
             row = store_input(
                 session,
                 artifacts,
@@ -113,7 +119,11 @@ def create_job(
                 "inline",
             )
             written.append(row.key)
-            params[field] = row.id
+            where = positions[name]
+            if where is None:
+                params[name] = row.id
+            else:
+                params[where[0]][where[1]] = row.id
             input_ids.append(row.id)
         job = Job(
             id=new_id("job"),

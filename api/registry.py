@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 IMAGE_FIELD_MARK = "atelier-image"
+IMAGE_LIST_FIELD_MARK = "atelier-image-list"
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,22 @@ class MethodSpec:
     def path(self) -> str:
         return f"/v1/{self.group}/{self.kind}"
 
-    @property
-    def image_fields(self) -> tuple[str, ...]:
-        """Request fields that carry images (file ids or base64)."""
+    def _marked(self, mark: str) -> tuple[str, ...]:
         return tuple(
             name
             for name, info in self.request.model_fields.items()
-            if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("format") == IMAGE_FIELD_MARK
+            if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("format") == mark
         )
+
+    @property
+    def image_fields(self) -> tuple[str, ...]:
+        """Request fields that carry one image (a file id or base64)."""
+        return self._marked(IMAGE_FIELD_MARK)
+
+    @property
+    def image_list_fields(self) -> tuple[str, ...]:
+        """Request fields that carry a list of images."""
+        return self._marked(IMAGE_LIST_FIELD_MARK)
 
 
 @lru_cache(maxsize=1)

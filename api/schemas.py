@@ -66,6 +66,9 @@ class JobOut(BaseModel):
     error: JobError | None
     outputs: list[JobOutput]
     metrics: dict[str, Any]
+    result: dict[str, Any] | None = Field(
+        description="The method's JSON answer where it has one (a classification's ranking); null otherwise."
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -89,6 +92,7 @@ class JobOut(BaseModel):
             error=JobError(code=job.error_code, message=job.error_message) if job.error_code else None,
             outputs=[JobOutput(file_id=f, url=f"/v1/files/{f}") for f in job.output_file_ids],
             metrics=job.metrics,
+            result=job.result,
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
@@ -111,6 +115,7 @@ class MethodOut(BaseModel):
     requires: list[str]
     paper: str
     image_fields: list[str]
+    image_list_fields: list[str] = Field(description="Fields that take a list of images.")
     parameters: dict[str, Any] = Field(description="JSON schema of the request body.")
 
 

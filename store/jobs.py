@@ -129,6 +129,7 @@ def finish(
     *,
     output_file_ids: list[str] | None = None,
     metrics: dict[str, Any] | None = None,
+    result: dict[str, Any] | None = None,
     error_code: str | None = None,
     error_message: str | None = None,
     progress: tuple[int, int] | None = None,
@@ -142,17 +143,19 @@ def finish(
         values["output_file_ids"] = output_file_ids
     if metrics is not None:
         values["metrics"] = metrics
+    if result is not None:
+        values["result"] = result
     if error_code is not None:
         values["error_code"] = error_code
         values["error_message"] = error_message
-    result = session.execute(
+    updated = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.running, Job.lease_owner == owner)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(updated.rowcount)  # type: ignore[attr-defined]
 
 
 def request_cancel(session: Session, job: Job) -> Job:

@@ -109,16 +109,23 @@ class StepReporter:
             raise JobTimedOut(f"ran past the {self.ctx.settings.job_soft_time_limit:.0f} s limit")
 
 
-def _load_inputs(ctx: WorkerContext, session: Session, job: Job, image_fields: tuple[str, ...]) -> dict[str, Any]:
+def _load_image(ctx: WorkerContext, session: Session, job: Job, name: str, file_id: str) -> Image.Image:
+    row = get_file(session, job.tenant_id, file_id)
+    if row is None:
+        raise ValueError(f"{name}: file {file_id} no longer exists")
+    return Image.open(io.BytesIO(ctx.artifacts.get(row.key))).convert("RGB")
+
+
+def _load_inputs(
+    ctx: WorkerContext, session: Session, job: Job, image_fields: tuple[str, ...], list_fields: tuple[str, ...]
+) -> dict[str, Any]:
     inputs: dict[str, Any] = {}
     for name in image_fields:
-        file_id = job.params.get(name)
-        if not file_id:
-            continue
-        row = get_file(session, job.tenant_id, file_id)
-        if row is None:
-            raise ValueError(f"{name}: file {file_id} no longer exists")
-        inputs[name] = Image.open(io.BytesIO(ctx.artifacts.get(row.key))).convert("RGB")
+        if job.params.get(name):
+            inputs[name] = _load_image(ctx, session, job, name, job.params[name])
+    for name in list_fields:
+        ids = job.params.get(name) or []
+        inputs[name] = [_load_image(ctx, session, job, f"{name}[{i}]", file_id) for i, file_id in enumerate(ids)]
     return inputs
 
 
@@ -136,10 +143,15 @@ def _png(image: Image.Image) -> bytes:
 def _write_outputs(ctx: WorkerContext, session: Session, job: Job, output: MethodOutput) -> list[str]:
     named = [(f"image-{i}.png", image) for i, image in enumerate(output.images)]
     named += [(f"{name}.png", image) for name, image in output.extra_images.items()]
-    return [
+    ids = [
         store_output(session, ctx.artifacts, job.tenant_id, job.id, name, _png(image), "image/png", image.size)
         for name, image in named
     ]
+    ids += [
+        store_output(session, ctx.artifacts, job.tenant_id, job.id, name, file.data, file.content_type, None)
+        for name, file in output.files.items()
+    ]
+    return ids
 
 
 def execute_job(ctx: WorkerContext, job_id: str) -> str:
@@ -158,12 +170,13 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
     state, error_code, error_message = JobState.failed, "internal_error", "internal error"
     outputs: list[str] = []
     metrics: dict[str, Any] = {}
+    result: dict[str, Any] | None = None
     try:
         # 2. Load the model (cached), the inputs and the method.
         module = importlib.import_module(spec.runner)
         components = ctx.cache.get(job.model)
         with ctx.sessions() as session:
-            inputs = _load_inputs(ctx, session, job, spec.image_fields)
+            inputs = _load_inputs(ctx, session, job, spec.image_fields, spec.image_list_fields)
         params = _method_params(module.Params, job.params)
         generator = torch.Generator("cpu").manual_seed(int(job.params.get("seed", 0)))
 
@@ -181,6 +194,7 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             "method_seconds": round(method_seconds, 4),
             "run_seconds": round(time.perf_counter() - started, 4),
         }
+        result = output.result or None
         state, error_code, error_message = JobState.succeeded, "", ""
     except JobCanceled:
         state, error_code, error_message = JobState.canceled, "", ""
@@ -206,6 +220,7 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             state,
             output_file_ids=outputs if state == JobState.succeeded else None,
             metrics=metrics if state == JobState.succeeded else None,
+            result=result,
             error_code=error_code or None,
             error_message=error_message or None,
             progress=beat.progress,

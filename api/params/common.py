@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
-from api.registry import IMAGE_FIELD_MARK
+from api.registry import IMAGE_FIELD_MARK, IMAGE_LIST_FIELD_MARK
 
 MAX_PROMPT_CHARS = 1000
 
@@ -27,6 +27,15 @@ ImageRef = Annotated[
         json_schema_extra={"format": IMAGE_FIELD_MARK},
     ),
 ]
+
+ImageRefList = Annotated[
+    list[ImageRef],
+    Field(
+        description="Images, each a file id from `POST /v1/files` (`file_…`) or base64 as for a single image.",
+        json_schema_extra={"format": IMAGE_LIST_FIELD_MARK},
+    ),
+]
+"""A list of images; each method sets the count with its own `Field(min_length=…, max_length=…)`."""
 
 
 class JobRequest(BaseModel):

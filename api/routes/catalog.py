@@ -25,6 +25,7 @@ def get_methods(_: TenantDep) -> list[MethodOut]:
             requires=list(spec.requires),
             paper=spec.paper,
             image_fields=list(spec.image_fields),
+            image_list_fields=list(spec.image_list_fields),
             parameters=spec.request.model_json_schema(),
         )
         for spec in methods().values()

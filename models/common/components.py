@@ -50,10 +50,20 @@ class Components:
         return DDIMInverseScheduler.from_config(self.scheduler_config)
 
 
+@dataclass(frozen=True)
+class OutputFile:
+    """A non-image output (an archive, a weights file): its bytes and media type."""
+
+    data: bytes
+    content_type: str
+
+
 @dataclass
 class MethodOutput:
-    """Images plus the metrics that travel with them."""
+    """What a method returns: images, other files, a JSON result, and the metrics that travel with them."""
 
-    images: list[Image.Image]
+    images: list[Image.Image] = field(default_factory=list)
     extra_images: dict[str, Image.Image] = field(default_factory=dict)
+    files: dict[str, OutputFile] = field(default_factory=dict)  # by file name, e.g. "dataset.zip"
+    result: dict[str, Any] = field(default_factory=dict)  # JSON answer, e.g. a classification's ranking
     metrics: dict[str, float | int | str] = field(default_factory=dict)
