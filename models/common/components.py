@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
+
+if TYPE_CHECKING:
+    from models.personalization.common import Adapter
 
 ProgressCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, total); it may raise to stop the method (cancel)."""
@@ -67,3 +70,4 @@ class MethodOutput:
     files: dict[str, OutputFile] = field(default_factory=dict)  # by file name, e.g. "dataset.zip"
     result: dict[str, Any] = field(default_factory=dict)  # JSON answer, e.g. a classification's ranking
     metrics: dict[str, float | int | str] = field(default_factory=dict)
+    adapter: Adapter | None = None  # set by training methods; the worker stores it in the adapter registry
