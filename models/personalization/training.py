@@ -1,0 +1,233 @@
+"""Shared helpers of every personalization method: data, prompts, the denoising loss, tokens, and the loop.
+
+- `images_to_latents`: training images -> VAE latents (optionally with horizontal flips);
+- `PROMPT_TEMPLATES` / `training_prompts`: captions over the ShapesWorld vocabulary with the concept in them;
+- `noise_prediction_loss`: the latent-diffusion training objective (Ho et al. 2020, eq. 14, on latents);
+- `added_tokens`: a context manager that adds new tokens to the tokenizer and text encoder and removes them after,
+  leaving the shared components exactly as they were (the base embedding table is never written);
+- `optimizer_tensors` / `load_optimizer_tensors`: an optimizer's state flattened to tensors for checkpoints;
+- `train_loop`: steps, progress callback (cancel), checkpoint every N steps, resume from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from PIL import Image, ImageOps
+
+from models.common.components import Components, ProgressCallback
+from models.common.latents import encode, images_to_tensor, randn
+from models.personalization.common import Checkpoints
+
+PROMPT_TEMPLATES: tuple[str, ...] = (
+    "a {concept}",
+    "a {concept} on a light background",
+    "a {concept} against a light background",
+    "a {concept} on light",
+)
+"""Captions for the training images, in the words the base model was trained on (`models.shapes.world`).
+
+They name no colour, size or position, so those stay with the words that the prompt adds at inference."""
+
+
+def concept_phrase(token: str, class_word: str) -> str:
+    """ "<s1> circle": the new token followed by its class word (the class word may be empty)."""
+    return f"{token} {class_word}".strip()
+
+
+def training_prompts(concept: str, count: int, generator: torch.Generator) -> list[str]:
+    """`count` captions drawn from `PROMPT_TEMPLATES` with `concept` (e.g. "<s1> circle") in them."""
+    picks = torch.randint(0, len(PROMPT_TEMPLATES), (count,), generator=generator).tolist()
+    return [PROMPT_TEMPLATES[i].format(concept=concept) for i in picks]
+
+
+@torch.no_grad()
+def images_to_latents(components: Components, images: list[Image.Image], *, flip: bool = False) -> torch.Tensor:
+    """Training images (resized to the model's 8x latent size: 64 px for the zoo) -> latents (N or 2N, 4, h, w).
+
+    With `flip`, the mirrored images follow the originals (do not use it for asymmetric subjects)."""
+    size = int(components.unet.config.sample_size) * components.vae_scale
+    images = [image.convert("RGB") for image in images]
+    if flip:
+        images = images + [ImageOps.mirror(image) for image in images]
+    pixels = images_to_tensor(images, (size, size))
+    return encode(components.vae, pixels).float()
+
+
+def noise_prediction_loss(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Per-example denoising loss || eps - eps_theta(z_t, t, c) ||^2 (mean over latent cells), shape (B,).
+
+    latents: (B, 4, h, w) clean latents; text_embeddings: (B, L, D). t ~ U{0..T-1} and eps from `generator`.
+    For v-prediction models the target is the velocity. The caller weights and averages (prior preservation)."""
+    batch = latents.shape[0]
+    noise = randn(latents.shape, generator, latents.device, latents.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(
+        noisy.to(unet.dtype), timesteps, encoder_hidden_states=text_embeddings.to(unet.dtype)
+    ).sample.float()
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+class ExtendedEmbedding(torch.nn.Module):
+    """A token embedding table with extra rows appended, without touching the base table.
+
+    base: the text encoder's own nn.Embedding (V, D), read only; extra: (n, D), the new tokens' vectors
+    (a trainable Parameter during textual inversion, a fixed tensor when an adapter is applied)."""
+
+    def __init__(self, base: torch.nn.Module, extra: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.extra = extra
+
+    @property
+    def weight(self) -> torch.Tensor:
+        base_weight = self.base.weight
+        assert isinstance(base_weight, torch.Tensor)
+        return torch.cat([base_weight, self.extra.to(base_weight.dtype)], dim=0)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+def token_vectors(components: Components, words: list[str]) -> torch.Tensor:
+    """The mean input embedding of the (sub)tokens of each word: (len(words), D), a detached copy."""
+    table = components.text_encoder.get_input_embeddings().weight
+    rows = []
+    for word in words:
+        ids = components.tokenizer.encode(word, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"word {word!r} gives no tokens")
+        rows.append(table[ids].mean(dim=0))
+    return torch.stack(rows).detach().clone().float()
+
+
+@contextmanager
+def added_tokens(components: Components, tokens: list[str], vectors: torch.Tensor) -> Iterator[list[int]]:
+    """Add `tokens` with embedding rows `vectors` (n, D) for the length of the block; yields their ids.
+
+    Installs a copy of the tokenizer and an `ExtendedEmbedding` on the text encoder, and puts the originals back in
+    a finally, so the shared components come out exactly as they went in. Blocks nest (two adapters' tokens)."""
+    if vectors.shape[0] != len(tokens):
+        raise ValueError(f"{len(tokens)} tokens but {vectors.shape[0]} embedding vectors")
+    text_encoder = components.text_encoder
+    original_tokenizer = components.tokenizer
+    original_embedding = text_encoder.get_input_embeddings()
+    hidden = int(original_embedding.weight.shape[1])
+    if vectors.ndim != 2 or vectors.shape[1] != hidden:
+        raise ValueError(f"token vectors must be (n, {hidden}) for this text encoder, got {tuple(vectors.shape)}")
+    if len(original_tokenizer) != original_embedding.weight.shape[0]:
+        raise ValueError("the tokenizer and the text encoder's embedding table disagree in size")
+    tokenizer = copy.deepcopy(original_tokenizer)
+    for token in tokens:
+        if token in tokenizer.get_vocab() or tokenizer.add_tokens([token]) != 1:
+            raise ValueError(f"token {token!r} is already in the vocabulary; choose a new one, e.g. '<s1>'")
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    extended = ExtendedEmbedding(original_embedding, vectors.to(original_embedding.weight.device))
+    components.tokenizer = tokenizer
+    text_encoder.set_input_embeddings(extended)
+    try:
+        yield list(ids)
+    finally:
+        text_encoder.set_input_embeddings(original_embedding)
+        components.tokenizer = original_tokenizer
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optimizer.") -> dict[str, torch.Tensor]:
+    """The per-parameter state of an optimizer (e.g. AdamW's step, exp_avg, exp_avg_sq) as flat named tensors."""
+    flat: dict[str, torch.Tensor] = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            flat[f"{prefix}{index}.{key}"] = tensor.detach().to("cpu").clone()
+    return flat
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor], prefix: str = "optimizer."
+) -> None:
+    """Restore what `optimizer_tensors` wrote (param groups, i.e. learning rates, come from the optimizer)."""
+    state_dict = optimizer.state_dict()
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in flat.items():
+        if name.startswith(prefix):
+            index, key = name[len(prefix) :].split(".", 1)
+            per_param.setdefault(int(index), {})[key] = tensor
+    optimizer.load_state_dict({"state": per_param, "param_groups": state_dict["param_groups"]})
+
+
+RNG_KEY = "rng"
+STEP_LOSSES_KEY = "losses"
+
+
+@dataclass
+class TrainingLog:
+    """What a training loop did: the loss of every step (including resumed ones), where it started, its time."""
+
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last 10% of steps (at least one), a steadier figure than the last step's."""
+        tail = max(1, len(self.losses) // 10)
+        return float(sum(self.losses[-tail:]) / tail) if self.losses else float("nan")
+
+
+def train_loop(
+    *,
+    steps: int,
+    step_fn: Callable[[int], float],
+    get_state: Callable[[], dict[str, torch.Tensor]],
+    set_state: Callable[[dict[str, torch.Tensor]], None],
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    checkpoints: Checkpoints | None = None,
+    checkpoint_every: int = 0,
+) -> TrainingLog:
+    """Run `step_fn(step)` (one optimisation step, returns its loss) for steps 0..steps-1.
+
+    Resume: if `checkpoints` holds one, `set_state` gets its tensors, the generator its RNG state, and the loop
+    continues after its step (so a resumed run draws the same noise as an uninterrupted one). After each step
+    `callback(step + 1, steps)` (it may raise to cancel); every `checkpoint_every` steps `checkpoints.save` gets
+    `get_state()` plus the RNG state and the losses so far."""
+    log = TrainingLog()
+    start = 0
+    if checkpoints is not None:
+        last = checkpoints.load()
+        if last is not None:
+            start, state = last
+            generator.set_state(state.pop(RNG_KEY))
+            log.losses = [float(x) for x in state.pop(STEP_LOSSES_KEY, torch.zeros(0)).tolist()]
+            set_state(state)
+            log.resumed_from = start
+    started = time.perf_counter()
+    for step in range(start, steps):
+        log.losses.append(float(step_fn(step)))
+        callback(step + 1, steps)
+        if checkpoints is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            state = {name: tensor.detach().to("cpu").clone() for name, tensor in get_state().items()}
+            state[RNG_KEY] = generator.get_state()
+            state[STEP_LOSSES_KEY] = torch.tensor(log.losses, dtype=torch.float64)
+            checkpoints.save(step + 1, state)
+    log.seconds = time.perf_counter() - started
+    return log
