@@ -16,11 +16,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image, ImageOps
+from transformers import CLIPTokenizer
 
 from models.common.components import Components, ProgressCallback
 from models.common.latents import encode, images_to_tensor, randn
@@ -120,12 +122,50 @@ def token_vectors(components: Components, words: list[str]) -> torch.Tensor:
     return torch.stack(rows).detach().clone().float()
 
 
+def expand_aliases(text: str, aliases: dict[str, str]) -> str:
+    """Replace each whole word of `text` that is a key of `aliases` by its value ("<s1>" -> "<s1> <s1>_1")."""
+    return " ".join(aliases.get(word, word) for word in text.split(" "))
+
+
+def _with_aliases(tokenizer: CLIPTokenizer, aliases: dict[str, str]) -> CLIPTokenizer:
+    """The tokenizer, re-classed so that prompts have `aliases` expanded before tokenizing (multi-vector tokens,
+    as diffusers' `maybe_convert_prompt` does in its pipelines). Aliases accumulate when adapters nest."""
+    base = type(tokenizer)
+    merged = {**getattr(tokenizer, "atelier_aliases", {}), **aliases}
+
+    def convert(text: Any) -> Any:
+        if isinstance(text, str):
+            return expand_aliases(text, merged)
+        if isinstance(text, list | tuple) and all(isinstance(item, str) for item in text):
+            return [expand_aliases(item, merged) for item in text]
+        return text
+
+    class AliasTokenizer(base):  # type: ignore[valid-type,misc]
+        atelier_aliases = merged
+
+        def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> Any:
+            return super().__call__(convert(text), *args, **kwargs)
+
+        def encode(self, text: Any, *args: Any, **kwargs: Any) -> Any:
+            return super().encode(convert(text), *args, **kwargs)
+
+        def tokenize(self, text: Any, *args: Any, **kwargs: Any) -> Any:
+            return super().tokenize(convert(text), *args, **kwargs)
+
+    AliasTokenizer.__name__ = base.__name__
+    tokenizer.__class__ = AliasTokenizer
+    return tokenizer
+
+
 @contextmanager
-def added_tokens(components: Components, tokens: list[str], vectors: torch.Tensor) -> Iterator[list[int]]:
+def added_tokens(
+    components: Components, tokens: list[str], vectors: torch.Tensor, aliases: dict[str, str] | None = None
+) -> Iterator[list[int]]:
     """Add `tokens` with embedding rows `vectors` (n, D) for the length of the block; yields their ids.
 
     Installs a copy of the tokenizer and an `ExtendedEmbedding` on the text encoder, and puts the originals back in
-    a finally, so the shared components come out exactly as they went in. Blocks nest (two adapters' tokens)."""
+    a finally, so the shared components come out exactly as they went in. Blocks nest (two adapters' tokens).
+    `aliases` maps a prompt word to the tokens it stands for (a multi-vector concept "<s1>" -> "<s1> <s1>_1")."""
     if vectors.shape[0] != len(tokens):
         raise ValueError(f"{len(tokens)} tokens but {vectors.shape[0]} embedding vectors")
     text_encoder = components.text_encoder
@@ -140,6 +180,8 @@ def added_tokens(components: Components, tokens: list[str], vectors: torch.Tenso
     for token in tokens:
         if token in tokenizer.get_vocab() or tokenizer.add_tokens([token]) != 1:
             raise ValueError(f"token {token!r} is already in the vocabulary; choose a new one, e.g. '<s1>'")
+    if aliases:
+        tokenizer = _with_aliases(tokenizer, aliases)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     extended = ExtendedEmbedding(original_embedding, vectors.to(original_embedding.weight.device))
     components.tokenizer = tokenizer

@@ -1,0 +1,178 @@
+"""Textual Inversion (Gal et al., "An Image is Worth One Word", ICLR 2023).
+
+A new token S* gets one or more embedding vectors v (initialised from a word, by default the class word); only v
+trains, with the latent-diffusion loss of eq. (2): v* = argmin_v E || eps - eps_theta(z_t, t, c_theta(y(S*))) ||^2
+over captions y from templates ("a S* circle on a light background"). The text encoder, the UNet and the VAE are
+frozen and never written: the new rows live in an `ExtendedEmbedding` beside the base table.
+
+With `num_vectors` n > 1 the token stands for n tokens "S*", "S*_1", ... (as diffusers' multi-vector
+`load_textual_inversion` expands them). The adapter file is diffusers' format: one tensor named after the token,
+shape (n, D), so `pipeline.load_textual_inversion(path)` reads it.
+Not implemented: the paper's per-image captions and its progressive extension to the UNet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
+from models.common.text import encode_prompts
+from models.personalization.common import Adapter, Checkpoints, tokens_metadata
+from models.personalization.training import (
+    added_tokens,
+    concept_phrase,
+    images_to_latents,
+    load_optimizer_tensors,
+    noise_prediction_loss,
+    optimizer_tensors,
+    token_vectors,
+    train_loop,
+    training_prompts,
+)
+
+VECTORS_KEY = "vectors"
+
+
+@dataclass(frozen=True)
+class Params:
+    token: str
+    class_word: str
+    init_word: str = ""  # default: the class word
+    num_vectors: int = 1
+    steps: int = 300
+    learning_rate: float = 5e-3
+    batch_size: int = 4
+    flip: bool = False
+    checkpoint_every: int = 50
+
+
+def sub_tokens(token: str, count: int) -> list[str]:
+    """The tokens a multi-vector concept stands for: "<s1>", "<s1>_1", ... (diffusers' naming)."""
+    return [token] + [f"{token}_{i}" for i in range(1, count)]
+
+
+def check_params(components: Components, params: Params, images: list[Image.Image]) -> None:
+    """Raise ValueError naming the first bad value."""
+    if not 1 <= len(images) <= 20:
+        raise ValueError(f"images must hold 1 to 20 images, got {len(images)}")
+    if not params.token or " " in params.token:
+        raise ValueError(f"token must be one word, got {params.token!r}")
+    if params.token in components.tokenizer.get_vocab():
+        raise ValueError(f"token {params.token!r} is already a word of the model; choose a new one, e.g. '<s1>'")
+    if params.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {params.steps}")
+    if not 1 <= params.num_vectors <= 8:
+        raise ValueError(f"num_vectors must be in [1, 8], got {params.num_vectors}")
+    for name in ("class_word", "init_word"):
+        word = getattr(params, name)
+        if word and any(piece == components.tokenizer.unk_token for piece in components.tokenizer.tokenize(word)):
+            raise ValueError(f"{name} {word!r} has words the model does not know")
+
+
+def run(
+    components: Components,
+    params: Params,
+    inputs: dict[str, Any],
+    *,
+    generator: torch.Generator,
+    callback: ProgressCallback = no_progress,
+    checkpoints: Checkpoints | None = None,
+) -> MethodOutput:
+    """Learn the token's vectors from `inputs["images"]`; returns the adapter and the loss."""
+    # 1. Check inputs
+    images: list[Image.Image] = list(inputs.get("images") or [])
+    check_params(components, params, images)
+
+    # 2. Encode the training images once (the VAE is frozen)
+    latents = images_to_latents(components, images, flip=params.flip).to(components.device)
+
+    # 3. The trainable vectors, initialised from the init word (eq. 2's v, one row per sub-token)
+    init_word = params.init_word or params.class_word or "a"
+    init = token_vectors(components, [init_word]).repeat(params.num_vectors, 1)
+    vectors = torch.nn.Parameter(init.to(components.device))
+    optimizer = torch.optim.AdamW([vectors], lr=params.learning_rate, weight_decay=0.0)
+    tokens = sub_tokens(params.token, params.num_vectors)
+    aliases = {params.token: " ".join(tokens)} if params.num_vectors > 1 else None
+    concept = concept_phrase(params.token, params.class_word)
+    scheduler = components.ddim()
+
+    def get_state() -> dict[str, torch.Tensor]:
+        return {VECTORS_KEY: vectors.detach(), **optimizer_tensors(optimizer)}
+
+    def set_state(state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            vectors.copy_(state[VECTORS_KEY].to(vectors.device))
+        load_optimizer_tensors(optimizer, state)
+
+    # 4. Optimise only the vectors; the token exists only inside this block
+    with added_tokens(components, tokens, vectors, aliases):
+
+        def step(index: int) -> float:
+            picks = torch.randint(0, latents.shape[0], (params.batch_size,), generator=generator)
+            prompts = training_prompts(concept, params.batch_size, generator)
+            with torch.enable_grad():
+                embeddings = encode_prompts(components.text_encoder, components.tokenizer, prompts)
+                loss = noise_prediction_loss(components.unet, scheduler, latents[picks], embeddings, generator).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+            return float(loss.detach())
+
+        log = train_loop(
+            steps=params.steps,
+            step_fn=step,
+            get_state=get_state,
+            set_state=set_state,
+            generator=generator,
+            callback=callback,
+            checkpoints=checkpoints,
+            checkpoint_every=params.checkpoint_every,
+        )
+
+    # 5. The adapter: diffusers' textual-inversion layout, {token: (n, D)}
+    adapter = Adapter(
+        type="textual-inversion",
+        tensors={params.token: vectors.detach().to("cpu", torch.float32).clone()},
+        metadata={
+            "tokens": tokens_metadata([params.token]),
+            "class_word": params.class_word,
+            "num_vectors": str(params.num_vectors),
+        },
+    )
+    metrics: dict[str, float | int | str] = {
+        "final_loss": round(log.final_loss, 6),
+        "steps": params.steps,
+        "seconds": round(log.seconds, 3),
+        "resumed_from": log.resumed_from,
+    }
+    return MethodOutput(adapter=adapter, metrics=metrics, result={"tokens": [params.token], "prompt": f"a {concept}"})
+
+
+def vectors_of(adapter: Adapter) -> tuple[str, torch.Tensor]:
+    """The adapter's token and its (n, D) vectors; ValueError if the file is not one token's embedding."""
+    if len(adapter.tensors) != 1:
+        raise ValueError(f"a textual-inversion adapter holds one tensor, this one {len(adapter.tensors)}")
+    token, tensor = next(iter(adapter.tensors.items()))
+    if tensor.ndim == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.ndim != 2:
+        raise ValueError(f"textual-inversion vectors must be (n, D), got {tuple(tensor.shape)}")
+    return token, tensor
+
+
+@contextlib.contextmanager
+def apply(components: Components, adapter: Adapter, scale: float = 1.0) -> Iterator[None]:
+    """Add the adapter's token for the block. `scale` multiplies the vectors (1 = as trained)."""
+    token, vectors = vectors_of(adapter)
+    count = vectors.shape[0]
+    tokens = sub_tokens(token, count)
+    aliases = {token: " ".join(tokens)} if count > 1 else None
+    dtype = components.text_encoder.get_input_embeddings().weight.dtype
+    with added_tokens(components, tokens, (vectors * scale).to(dtype), aliases):
+        yield
