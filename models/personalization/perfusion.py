@@ -1,0 +1,403 @@
+"""Perfusion (Tewel et al., "Key-Locked Rank One Editing for Text-to-Image Personalization", SIGGRAPH 2023).
+
+A concept is a new token S* plus a gated rank-one edit of every cross-attention K and V projection:
+
+    W' e = W e + sigma((u^T e - beta) / tau) * (o* - W i*),    u = C^-1 i* / (i*^T C^-1 i*)     (paper, eq. 7-8)
+
+- i*: the encoding of S* (the text encoder's output at its position); C: the uncorrected covariance of text
+  encodings over a caption corpus, so u^T e is the "energy" of an encoding e along i* (1 at e = i*);
+- key locking (sec. 4.1): for K, o*_K = W_k i_class, the key of the class word's encoding, fixed: S* attends where
+  the class word would, so the concept does not overfit the layout of the training images;
+- the value target o*_V per layer is learned (initialised at W_v i_class), with the embedding of S*; only these
+  train (a few hundred numbers per layer), the model is never written;
+- the gate sigma((energy - beta) / tau) (bias beta, temperature tau) switches the edit on for S* only, so a prompt
+  without S* is (nearly) unchanged; the `apply` scale multiplies the edit (the concept's strength at inference),
+  and two concepts are two edits summed in the same processor.
+
+The edit is installed through an attention processor on the attn2 layers (the module's forward is never replaced);
+it computes the stock scaled-dot-product attention with the edited keys and values.
+
+Adapter tensors: `token_embeddings` (1, D), `i_star`, `i_class`, `direction` (u) (D,), and `<layer>.value_target`
+(hidden,) per attn2 layer; the gate's bias and temperature are metadata.
+Not implemented: the paper's global locking variant (locking o*_V too), the cross-attention mask loss, and the
+prior-preservation tricks; the caption corpus for C is ShapesWorld's captions, seeded (`caption_corpus`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
+from models.common.text import check_prompt, encode_prompts
+from models.personalization.common import Adapter, Checkpoints, tokens_metadata
+from models.personalization.custom_diffusion import cross_attention_layers, installed
+from models.personalization.dreambooth import (
+    TOKEN_EMBEDDINGS_KEY,
+    check_concept,
+    identifier_vectors,
+    images_list,
+    pick,
+)
+from models.personalization.training import (
+    PROMPT_TEMPLATES,
+    added_tokens,
+    images_to_latents,
+    load_optimizer_tensors,
+    noise_prediction_loss,
+    optimizer_tensors,
+    train_loop,
+    training_prompts,
+)
+from models.shapes.world import caption, sample_scene
+
+VALUE_SUFFIX = ".value_target"
+CORPUS_SIZE = 400
+CORPUS_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Params:
+    token: str
+    class_word: str
+    steps: int = 200
+    learning_rate: float = 2e-3
+    batch_size: int = 2
+    gate_bias: float = 0.75  # beta
+    gate_temperature: float = 0.1  # tau
+    flip: bool = False
+    checkpoint_every: int = 50
+
+
+# ----------------------------------------------------------------------------------------------
+# The edit and its processor
+
+
+@dataclass
+class ConceptEdit:
+    """One concept's gated rank-one edit. direction u, i_star, i_class: (D,); value_targets: layer -> (hidden,)."""
+
+    direction: torch.Tensor
+    i_star: torch.Tensor
+    i_class: torch.Tensor
+    value_targets: dict[str, torch.Tensor]
+    bias: float
+    temperature: float
+    scale: float = 1.0
+
+    def gate(self, encodings: torch.Tensor) -> torch.Tensor:
+        """encodings (B, T, D) -> scale * sigma((u^T e - beta) / tau): (B, T, 1)."""
+        energy = encodings.float() @ self.direction.float()
+        return (self.scale * torch.sigmoid((energy - self.bias) / self.temperature))[..., None]
+
+
+@dataclass
+class PerfusionAttnProcessor:
+    """Cross-attention with K and V edited by every concept in `edits` (eq. 7-8), then SDPA as in diffusers'
+    AttnProcessor2_0. Self-attention never gets this processor."""
+
+    layer: str
+    edits: list[ConceptEdit] = field(default_factory=list)
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """hidden_states: (B, Q, C) or (B, C, H, W); encoder_hidden_states: (B, T, D)."""
+        if encoder_hidden_states is None:
+            raise ValueError("the Perfusion processor serves cross-attention layers only")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, sequence_length, _ = encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        # Eq. 7-8: W' e = W e + gate(e) (o* - W i*), with o*_K = W_k i_class (key locking) and o*_V learned.
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        for edit in self.edits:
+            gate = edit.gate(encoder_hidden_states).to(key.dtype)  # (B, T, 1)
+            anchors = torch.stack([edit.i_class, edit.i_star]).to(encoder_hidden_states.dtype)
+            key_class, key_star = attn.to_k(anchors)
+            value_star = attn.to_v(anchors[1])
+            key = key + gate * (key_class - key_star)
+            value = value + gate * (edit.value_targets[self.layer].to(value.dtype) - value_star)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextmanager
+def edited_attention(components: Components, edit: ConceptEdit) -> Iterator[None]:
+    """Install `edit` on every attn2 layer; an outer Perfusion concept stays (the edits sum). Restored after."""
+    processors: dict[str, Any] = {}
+    current = components.unet.attn_processors
+    for name in cross_attention_layers(components.unet):
+        outer = current[name]
+        earlier = outer.edits if isinstance(outer, PerfusionAttnProcessor) else []
+        if not isinstance(outer, PerfusionAttnProcessor) and "CustomDiffusion" in type(outer).__name__:
+            raise ValueError("a perfusion adapter cannot be combined with a custom-diffusion adapter in one job")
+        processors[name] = PerfusionAttnProcessor(name, [*earlier, edit])
+    with installed(components.unet, processors):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Encodings
+
+
+def caption_corpus(count: int = CORPUS_SIZE, seed: int = CORPUS_SEED) -> list[str]:
+    """`count` seeded ShapesWorld captions: the corpus whose encodings give the covariance C."""
+    rng = np.random.default_rng(seed)
+    return [caption(sample_scene(rng), rng) for _ in range(count)]
+
+
+@torch.no_grad()
+def inverse_covariance(components: Components, prompts: list[str], ridge: float = 1e-3) -> torch.Tensor:
+    """C^-1 for C = E[e e^T] over every real token position of `prompts` (+ ridge * mean diag * I): (D, D)."""
+    features = encode_prompts(components.text_encoder, components.tokenizer, prompts).float()
+    rows = [f[: len(components.tokenizer(p)["input_ids"])] for p, f in zip(prompts, features, strict=True)]
+    encodings = torch.cat(rows)
+    covariance = encodings.T @ encodings / encodings.shape[0]
+    covariance = covariance + ridge * covariance.diagonal().mean() * torch.eye(covariance.shape[0])
+    return torch.linalg.inv(covariance.double()).float()
+
+
+def context_prompts(token: str, count: int = 32, seed: int = CORPUS_SEED) -> list[str]:
+    """Captions with `token` in varied contexts: the training templates, then seeded ShapesWorld captions whose
+    first shape word is replaced by the token ("a small blue <s1> at the top left on a dark background")."""
+    prompts = [template.format(concept=token) for template in PROMPT_TEMPLATES]
+    rng = np.random.default_rng(seed)
+    while len(prompts) < count:
+        scene = sample_scene(rng, n_objects=1)
+        text = caption(scene, rng)
+        shape = scene.objects[0].shape
+        if f" {shape}" in text:
+            prompts.append(text.replace(f" {shape}", f" {token}", 1))
+    return prompts
+
+
+def mean_encoding(components: Components, prompts: list[str], word: str) -> torch.Tensor:
+    """The mean over `prompts` of the text encoder's output at `word` (its last sub-token): (D,)."""
+    return torch.stack([word_encoding(components, prompt, word) for prompt in prompts]).mean(dim=0)
+
+
+def word_encoding(components: Components, prompt: str, word: str) -> torch.Tensor:
+    """The text encoder's output at the (last sub-token of the first occurrence of) `word` in `prompt`: (D,)."""
+    ids = components.tokenizer(prompt)["input_ids"]
+    word_ids = components.tokenizer(word, add_special_tokens=False)["input_ids"]
+    for start in range(len(ids) - len(word_ids) + 1):
+        if ids[start : start + len(word_ids)] == word_ids:
+            features = encode_prompts(components.text_encoder, components.tokenizer, [prompt])[0]
+            return features[start + len(word_ids) - 1].float()
+    raise ValueError(f"{word!r} does not occur in {prompt!r}")
+
+
+def energy_direction(i_star: torch.Tensor, inverse_cov: torch.Tensor) -> torch.Tensor:
+    """u = C^-1 i* / (i*^T C^-1 i*): u^T e is e's energy along i*, 1 at e = i* (eq. 8)."""
+    projected = inverse_cov @ i_star
+    return projected / (i_star @ projected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def run(
+    components: Components,
+    params: Params,
+    inputs: dict[str, object],
+    *,
+    generator: torch.Generator,
+    callback: ProgressCallback = no_progress,
+    checkpoints: Checkpoints | None = None,
+) -> MethodOutput:
+    """Learn S*'s embedding and the value targets o*_V of every attn2 layer on inputs["images"], with S*'s key
+    locked to the class word; returns a "perfusion" adapter."""
+    # 1. Check inputs
+    images = images_list(inputs, "images")
+    check_concept(components, params.token, params.class_word)
+    check_prompt(components.tokenizer, f"a {params.class_word}", "class_word")
+    for name, value in (("steps", params.steps), ("batch_size", params.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if params.gate_temperature <= 0:
+        raise ValueError(f"gate_temperature must be positive, got {params.gate_temperature}")
+    started = time.perf_counter()
+
+    # 2. Data and the fixed parts of the edit: the class word's encoding, C^-1 over the caption corpus
+    latents = images_to_latents(components, images, flip=params.flip)
+    with torch.no_grad():
+        i_class = word_encoding(components, f"a {params.class_word}", params.class_word)
+        inverse_cov = inverse_covariance(components, caption_corpus()).to(components.device)
+    layers = cross_attention_layers(components.unet)
+
+    # 3. Trainables: S*'s embedding (a fresh vector: initialised at the class word's, the gate would fire on the
+    # class word too) and o*_V = W_v i_class per layer
+    embedding = torch.nn.Parameter(identifier_vectors(components, 1, generator).to(components.device))
+    with torch.no_grad():
+        value_targets = {
+            name: torch.nn.Parameter(attn.to_v(i_class.to(attn.to_v.weight.dtype)).float().clone())
+            for name, attn in layers.items()
+        }
+    trainable: dict[str, torch.nn.Parameter] = {TOKEN_EMBEDDINGS_KEY: embedding}
+    trainable.update({name + VALUE_SUFFIX: target for name, target in value_targets.items()})
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=0.0)
+    scheduler = components.ddim()
+    contexts = context_prompts(params.token)
+    edit = ConceptEdit(
+        torch.zeros_like(i_class), i_class, i_class, dict(value_targets), params.gate_bias, params.gate_temperature
+    )
+
+    # 4. Optimise the denoising loss; i* and u follow the embedding every step
+    with ExitStack() as stack:
+        stack.enter_context(added_tokens(components, [params.token], embedding))
+        stack.enter_context(edited_attention(components, edit))
+
+        def refresh() -> None:
+            edit.i_star = mean_encoding(components, contexts, params.token)
+            edit.direction = energy_direction(edit.i_star, inverse_cov)
+
+        def step_fn(step: int) -> float:
+            refresh()
+            rows = pick(latents.shape[0], params.batch_size, generator)
+            prompts = training_prompts(params.token, params.batch_size, generator)
+            cond = encode_prompts(components.text_encoder, components.tokenizer, prompts)
+            loss = noise_prediction_loss(components.unet, scheduler, latents[rows], cond, generator).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            return float(loss.detach())
+
+        def get_state() -> dict[str, torch.Tensor]:
+            return {**{n: p.detach() for n, p in trainable.items()}, **optimizer_tensors(optimizer)}
+
+        def set_state(state: dict[str, torch.Tensor]) -> None:
+            with torch.no_grad():
+                for name, parameter in trainable.items():
+                    parameter.copy_(state[name])
+            load_optimizer_tensors(optimizer, state)
+
+        log = train_loop(
+            steps=params.steps,
+            step_fn=step_fn,
+            get_state=get_state,
+            set_state=set_state,
+            generator=generator,
+            callback=callback,
+            checkpoints=checkpoints,
+            checkpoint_every=params.checkpoint_every,
+        )
+        with torch.no_grad():
+            refresh()
+
+    # 5. The adapter
+    tensors = {name: parameter.detach().float().cpu().clone() for name, parameter in trainable.items()}
+    tensors.update(
+        {
+            "i_star": edit.i_star.detach().float().cpu().clone(),
+            "i_class": i_class.detach().float().cpu().clone(),
+            "direction": edit.direction.detach().float().cpu().clone(),
+        }
+    )
+    metadata = {
+        "tokens": tokens_metadata([params.token]),
+        "class_word": params.class_word,
+        "gate_bias": str(params.gate_bias),
+        "gate_temperature": str(params.gate_temperature),
+        "steps": str(params.steps),
+        "learning_rate": str(params.learning_rate),
+    }
+    adapter = Adapter(type="perfusion", tensors=tensors, metadata=metadata)
+    metrics: dict[str, float | int | str] = {
+        "final_loss": round(log.final_loss, 6),
+        "steps": params.steps,
+        "seconds": round(time.perf_counter() - started, 3),
+        "train_seconds": round(log.seconds, 3),
+        "resumed_from": log.resumed_from,
+        "gate_at_token": round(float(edit.gate(edit.i_star[None, None])), 4),
+    }
+    return MethodOutput(adapter=adapter, metrics=metrics, result={"tokens": [params.token]})
+
+
+# ----------------------------------------------------------------------------------------------
+# Using the adapter
+
+
+def adapter_edit(components: Components, adapter: Adapter, scale: float) -> ConceptEdit:
+    """The adapter's edit at strength `scale`, checked against this model's layers and sizes."""
+    if adapter.type != "perfusion":
+        raise ValueError(f"not a perfusion adapter: {adapter.type!r}")
+    hidden_size = int(components.text_encoder.config.hidden_size)
+    vectors = {}
+    for name in ("i_star", "i_class", "direction"):
+        tensor = adapter.tensors.get(name)
+        if tensor is None or tuple(tensor.shape) != (hidden_size,):
+            raise ValueError(f"perfusion adapter tensor {name!r} must have shape ({hidden_size},)")
+        vectors[name] = tensor.to(components.device)
+    targets = {}
+    for name, attn in cross_attention_layers(components.unet).items():
+        target = adapter.tensors.get(name + VALUE_SUFFIX)
+        if target is None or target.shape[0] != attn.to_v.weight.shape[0]:
+            raise ValueError(f"perfusion adapter lacks a value target of the right size for layer {name!r}")
+        targets[name] = target.to(components.device)
+    try:
+        bias = float(adapter.metadata.get("gate_bias", Params.gate_bias))
+        temperature = float(adapter.metadata.get("gate_temperature", Params.gate_temperature))
+    except ValueError as exc:
+        raise ValueError("perfusion adapter metadata gate_bias/gate_temperature must be numbers") from exc
+    return ConceptEdit(vectors["direction"], vectors["i_star"], vectors["i_class"], targets, bias, temperature, scale)
+
+
+@contextmanager
+def apply(components: Components, adapter: Adapter, scale: float) -> Iterator[None]:
+    """Add S* and its gated rank-one K/V edit at strength `scale` for the block (another Perfusion concept applied
+    around it stays in effect: the edits sum); the model's own processors and tokens come back afterwards."""
+    edit = adapter_edit(components, adapter, scale)
+    vectors = adapter.tensors.get(TOKEN_EMBEDDINGS_KEY)
+    if vectors is None:
+        raise ValueError(f"perfusion adapter lacks {TOKEN_EMBEDDINGS_KEY!r}")
+    with ExitStack() as stack:
+        stack.enter_context(added_tokens(components, adapter.tokens, vectors))
+        stack.enter_context(edited_attention(components, edit))
+        yield
