@@ -17,6 +17,7 @@ from api.errors import ApiError, invalid, not_found
 from api.images import CheckedImage, check_image, decode_base64
 from api.params.common import JobRequest
 from api.registry import MethodSpec
+from api.routes.adapters import resolve_refs
 from store.artifacts import ArtifactStore
 from store.files import get_file, store_input
 from store.jobs import mark_unpublished
@@ -68,6 +69,7 @@ def create_job(
     missing = [c for c in spec.requires if c not in model.capabilities]
     if missing:
         raise invalid("model", f"{model_name} lacks {', '.join(missing)} needed by {spec.kind}")
+    adapters = resolve_refs(session, tenant.id, request.adapters, model_name)  # each the tenant's, for this model
 
     # 2. Resolve image fields: existing file ids are checked; base64 is validated (stored in step 3).
     params: dict[str, Any] = request.method_params()
@@ -131,7 +133,7 @@ def create_job(
             kind=spec.kind,
             queue=spec.queue,
             model=model_name,
-            params={**params, "seed": request.seed},
+            params={**params, "seed": request.seed, **({"adapters": adapters} if adapters else {})},
             input_file_ids=input_ids,
             max_attempts=settings.job_max_attempts,
             idempotency_key=idempotency_key,

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
-from api.routes import admin, catalog, files, health, jobs
+from api.routes import adapters, admin, catalog, files, health, jobs
 from store.artifacts import artifact_store
 from store.settings import Settings, get_settings
 from worker.celery_app import make_celery
@@ -105,6 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "jobs", "description": "Follow, list and cancel jobs."},
             {"name": "generations", "description": "Jobs that make images from text."},
             {"name": "edits", "description": "Jobs that edit an input image."},
+            {"name": "trainings", "description": "Personalization jobs that teach the model a concept (an adapter)."},
+            {"name": "adapters", "description": "Trained and imported adapters; use them in any job's `adapters`."},
             {"name": "catalog", "description": "Methods and base models of this server."},
             {"name": "admin", "description": "Tenants and API keys (admin key)."},
             {"name": "health", "description": "Liveness, readiness, metrics."},
@@ -119,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     latency = Histogram("atelier_http_request_seconds", "HTTP request latency", ["route"], registry=registry)
 
     errors.install(app)
-    for router in (files.router, jobs.router, catalog.router, admin.router, health.router):
+    for router in (files.router, jobs.router, adapters.router, catalog.router, admin.router, health.router):
         app.include_router(router)
 
     @app.middleware("http")

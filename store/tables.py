@@ -127,3 +127,21 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Adapter(Base):
+    """A trained or imported personalization adapter (its files live in the artifact store)."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (Index("ix_adapters_tenant_created", "tenant_id", "created_at", "id"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    type: Mapped[str] = mapped_column(String(40))  # lora, textual-inversion, dreambooth, custom-diffusion, ...
+    tokens: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    base_model: Mapped[str] = mapped_column(String(200))
+    files: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [{name, key, sha256, size_bytes}]
+    training: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the training parameters
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True, unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import io
+import json
 import logging
 import os
 import socket
@@ -19,16 +20,21 @@ from typing import Any
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.registry import methods
 from models.common.components import MethodOutput
-from store.artifacts import ArtifactStore
+from models.personalization.apply import applied
+from models.personalization.common import Adapter, read_metadata
+from store.adapters import checkpoint_key, get_adapter, read_adapter_file, save_adapter
+from store.artifacts import ArtifactNotFound, ArtifactStore
 from store.files import get_file, store_output
 from store.jobs import claim, finish, heartbeat
 from store.settings import Settings
 from store.tables import Job, JobState
-from worker.runtime import ModelCache
+from worker.runtime import AdapterCache, ModelCache
 
 log = logging.getLogger("atelier.worker")
 
@@ -54,6 +60,7 @@ class WorkerContext:
     artifacts: ArtifactStore
     cache: ModelCache
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    adapters: AdapterCache = field(default_factory=AdapterCache)
 
 
 class Heartbeat(threading.Thread):
@@ -154,6 +161,71 @@ def _write_outputs(ctx: WorkerContext, session: Session, job: Job, output: Metho
     return ids
 
 
+class ArtifactCheckpoints:
+    """A training job's last checkpoint, one safetensors file under a key derived from the job id.
+
+    A new attempt of the same job (its worker died) finds it and resumes from its step."""
+
+    def __init__(self, artifacts: ArtifactStore, key: str) -> None:
+        self.artifacts, self.key = artifacts, key
+
+    def load(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        try:
+            data = self.artifacts.get(self.key)
+        except ArtifactNotFound:
+            return None
+        step = int(read_metadata(data)["step"])
+        log.info("resuming from the checkpoint at step %d (%s)", step, self.key)
+        return step, load_safetensors(data)
+
+    def save(self, step: int, state: dict[str, torch.Tensor]) -> None:
+        tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
+        data = save_safetensors(tensors, metadata={"step": str(step)})
+        self.artifacts.put(self.key, data, "application/octet-stream")
+
+
+def _load_adapters(ctx: WorkerContext, session: Session, job: Job) -> list[tuple[Adapter, float]]:
+    """The job's adapters (checked again: one may have been deleted since the job was queued), via the LRU cache."""
+    loaded = []
+    for index, ref in enumerate(job.params.get("adapters") or []):
+        row = get_adapter(session, job.tenant_id, str(ref["id"]))
+        if row is None:
+            raise ValueError(f"adapters[{index}].id: adapter {ref['id']} no longer exists")
+        if row.base_model != job.model:
+            raise ValueError(f"adapters[{index}].id: adapter {row.id} is for {row.base_model}, not {job.model}")
+        sha256 = str(row.files[0]["sha256"]) if row.files else ""
+
+        def load(row: Any = row) -> Adapter:
+            data = read_adapter_file(ctx.artifacts, row)
+            metadata = {**read_metadata(data), "tokens": json.dumps(row.tokens), "base_model": row.base_model}
+            return Adapter(type=row.type, tensors=load_safetensors(data), metadata=metadata)
+
+        loaded.append((ctx.adapters.get(row.id, sha256, load), float(ref.get("scale", 1.0))))
+    return loaded
+
+
+def _store_adapter(ctx: WorkerContext, session: Session, job: Job, output: MethodOutput) -> str:
+    """The trained adapter as a registry row and file; idempotent by job id (a re-run overwrites)."""
+    adapter = output.adapter
+    assert adapter is not None
+    adapter.metadata["base_model"] = job.model
+    training = {key: value for key, value in job.params.items() if key != "adapters"}
+    row = save_adapter(
+        session,
+        ctx.artifacts,
+        tenant_id=job.tenant_id,
+        name=str(job.params.get("name") or (adapter.tokens[0] if adapter.tokens else job.kind)),
+        type=adapter.type,
+        tokens=adapter.tokens,
+        base_model=job.model,
+        data=adapter.to_bytes(),
+        training={"kind": job.kind, **training},
+        metrics=dict(output.metrics),
+        job_id=job.id,
+    )
+    return row.id
+
+
 def execute_job(ctx: WorkerContext, job_id: str) -> str:
     """Run the job if this worker can claim it; returns what happened (for logs and tests)."""
     # 1. Claim: a conditional update, so a duplicate message never runs a job twice.
@@ -177,18 +249,29 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
         components = ctx.cache.get(job.model)
         with ctx.sessions() as session:
             inputs = _load_inputs(ctx, session, job, spec.image_fields, spec.image_list_fields)
+            adapters = _load_adapters(ctx, session, job)
         params = _method_params(module.Params, job.params)
         generator = torch.Generator("cpu").manual_seed(int(job.params.get("seed", 0)))
+        extra: dict[str, Any] = {}
+        if spec.queue == "training":  # a resumed attempt finds the last checkpoint under the same key
+            extra["checkpoints"] = ArtifactCheckpoints(ctx.artifacts, checkpoint_key(job.tenant_id, job.id))
+        if spec.extra.get("adapters_as_inputs"):  # e.g. a merge job: the method reads them, nothing is installed
+            inputs["adapters"], adapters = adapters, []
 
-        # 3. Run it.
+        # 3. Run it, with the job's adapters installed on the cached base model (and removed after, exactly).
         reporter = StepReporter(ctx, job_id, beat)
         method_started = time.perf_counter()
-        output: MethodOutput = module.run(components, params, inputs, generator=generator, callback=reporter)
+        with applied(components, adapters):
+            output: MethodOutput = module.run(
+                components, params, inputs, generator=generator, callback=reporter, **extra
+            )
         method_seconds = time.perf_counter() - method_started
 
-        # 4. Write outputs under deterministic keys.
+        # 4. Write outputs under deterministic keys; a trained adapter becomes a registry row (id from the job).
         with ctx.sessions() as session:
             outputs = _write_outputs(ctx, session, job, output)
+            if output.adapter is not None:
+                output.result = {**output.result, "adapter_id": _store_adapter(ctx, session, job, output)}
         metrics = {
             **output.metrics,
             "method_seconds": round(method_seconds, 4),
@@ -225,5 +308,7 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             error_message=error_message or None,
             progress=beat.progress,
         )
+    if written and state == JobState.succeeded and spec.queue == "training":
+        ctx.artifacts.delete(checkpoint_key(job.tenant_id, job.id))  # the adapter is stored; no resume is needed
     log.info("job %s %s%s", job_id, state, f" ({error_code})" if error_code else "")
     return str(state) if written else "lease_lost"

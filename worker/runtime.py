@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.common.components import Components
+from models.personalization.common import Adapter
 from store.settings import Settings
 
 log = logging.getLogger("atelier.worker")
@@ -89,3 +92,34 @@ class ModelCache:
                 self._loaded[name] = load_components(folder, self.policy, self.allow_downloads)
                 self.loads += 1
             return self._loaded[name]
+
+
+class AdapterCache:
+    """Parsed adapters (CPU tensors) by id and checksum, most recently used kept, at most `capacity` of them.
+
+    The base model stays loaded in `ModelCache`; a job's adapters are installed on it and removed after the job
+    (`models.personalization.apply.applied`), so switching adapters never reloads the base model."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, adapter_id: str, sha256: str, load: Callable[[], Adapter]) -> Adapter:
+        key = (adapter_id, sha256)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        adapter = load()
+        with self._lock:
+            self._items[key] = adapter
+            self._items.move_to_end(key)
+            self.loads += 1
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return adapter
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,153 @@
+"""Checking an uploaded adapter file by its content, against the base model it is for (no torch, no pickle).
+
+The file must parse as safetensors (`safetensors.deserialize`: a pickle, a truncated file or a bad header fails),
+hold float tensors only, and fit the named base model: LoRA pairs A (r, in) / B (out, r) for linear layers the
+model has (shapes read from the model's own safetensors headers), a textual-inversion embedding (n, D) with the
+text encoder's width D and a token the tokenizer does not know. Nothing here loads weights into memory as objects
+that could run code; `torch.load` is never used anywhere in Atelier.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+
+from api.errors import invalid
+
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "float16", "bfloat16", "float32"})
+MAX_TENSORS = 4096
+MAX_VECTORS = 8
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+LORA_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder"}  # key prefix -> model subfolder
+
+
+@dataclass(frozen=True)
+class CheckedAdapter:
+    """What the registry row records of a valid file."""
+
+    tokens: list[str]
+    metadata: dict[str, str]
+    tensors: int
+
+
+def read_header(data: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor entries and `__metadata__`)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    if not isinstance(header, dict):
+        raise ValueError("header is not an object")
+    return header
+
+
+def _file_header(path: Path) -> dict[str, Any]:
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    return header if isinstance(header, dict) else {}
+
+
+def model_shapes(model_folder: Path, subfolder: str) -> dict[str, list[int]]:
+    """Tensor name -> shape of a base model part, read from its safetensors headers (shards included)."""
+    shapes: dict[str, list[int]] = {}
+    for path in sorted((model_folder / subfolder).glob("*.safetensors")):
+        for name, entry in _file_header(path).items():
+            if name != "__metadata__" and isinstance(entry, dict):
+                shapes[name] = list(entry.get("shape", []))
+    return shapes
+
+
+def parse(data: bytes, field: str = "file") -> tuple[dict[str, tuple[str, list[int]]], dict[str, str]]:
+    """(name -> (dtype, shape), metadata) of a safetensors file; 422 for anything else."""
+    try:
+        entries = safetensors.deserialize(data)
+        header = read_header(data)
+    except Exception as exc:
+        raise invalid(field, "not a valid safetensors file (pickled .ckpt/.bin/.pt files are not accepted)") from exc
+    tensors = {str(name): (str(info["dtype"]), [int(x) for x in info["shape"]]) for name, info in entries}
+    if not tensors:
+        raise invalid(field, "the file holds no tensors")
+    if len(tensors) > MAX_TENSORS:
+        raise invalid(field, f"the file holds {len(tensors)} tensors, at most {MAX_TENSORS} are accepted")
+    bad = [name for name, (dtype, _) in tensors.items() if dtype not in FLOAT_DTYPES]
+    if bad:
+        raise invalid(field, f"tensor {bad[0]!r} is {tensors[bad[0]][0]}, only float tensors are accepted")
+    raw_metadata = header.get("__metadata__") or {}
+    metadata = {str(k): str(v) for k, v in raw_metadata.items()} if isinstance(raw_metadata, dict) else {}
+    return tensors, metadata
+
+
+def check_lora(data: bytes, model_folder: Path, token: str, field: str = "file") -> CheckedAdapter:
+    """A LoRA file in diffusers' layout (unet.* / text_encoder.* lora_A, lora_B) that fits the model's layers."""
+    tensors, metadata = parse(data, field)
+    shapes = {prefix: model_shapes(model_folder, folder) for prefix, folder in LORA_PREFIXES.items()}
+    modules: dict[tuple[str, str], dict[str, list[int]]] = {}
+    for name, (_, shape) in tensors.items():
+        prefix, _, rest = name.partition(".")
+        suffix = next((s for s in LORA_SUFFIXES if rest.endswith(s)), None)
+        if prefix not in LORA_PREFIXES or suffix is None:
+            raise invalid(field, f"tensor {name!r} is not a LoRA weight (unet.* or text_encoder.* lora_A/lora_B)")
+        modules.setdefault((prefix, rest[: -len(suffix)]), {})[suffix[1:7]] = shape
+    for (prefix, module), pair in modules.items():
+        where = f"{prefix}.{module}"
+        base = shapes[prefix].get(f"{module}.weight") or shapes[prefix].get(f"text_model.{module}.weight")
+        if base is None:
+            raise invalid(field, f"{where}: the base model has no such layer")
+        if len(base) != 2:
+            raise invalid(field, f"{where}: LoRA is accepted on linear layers only, this one has shape {base}")
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise invalid(field, f"{where}: needs both lora_A and lora_B")
+        out_features, in_features = base
+        a_shape, b_shape = pair["lora_A"], pair["lora_B"]
+        rank = a_shape[0] if a_shape else 0
+        if a_shape != [rank, in_features] or b_shape != [out_features, rank] or not 1 <= rank <= 1024:
+            raise invalid(
+                field,
+                f"{where}: shapes A {a_shape} / B {b_shape} do not fit the layer's {base} "
+                f"(expected A [r, {in_features}] and B [{out_features}, r])",
+            )
+    return CheckedAdapter(tokens=[token] if token else [], metadata=metadata, tensors=len(tensors))
+
+
+def check_textual_inversion(data: bytes, model_folder: Path, field: str = "file") -> CheckedAdapter:
+    """One tensor named after its token, (n, D) or (D,), D the text encoder's width, the token new to the model."""
+    tensors, metadata = parse(data, field)
+    if len(tensors) != 1:
+        raise invalid(
+            field, f"a textual-inversion file holds one tensor named after its token, this one {len(tensors)}"
+        )
+    token, (_, shape) = next(iter(tensors.items()))
+    if not token or any(c.isspace() for c in token) or len(token) > 40:
+        raise invalid(field, f"the tensor name {token!r} must be the token: one word of at most 40 characters")
+    embedding = next(
+        (
+            s
+            for name, s in model_shapes(model_folder, "text_encoder").items()
+            if name.endswith("token_embedding.weight")
+        ),
+        None,
+    )
+    if embedding is None or len(embedding) != 2:
+        raise invalid(field, "the base model's text encoder has no token embedding to check against")
+    width = embedding[1]
+    rows = shape if len(shape) == 2 else [1, *shape]
+    if len(rows) != 2 or rows[1] != width or not 1 <= rows[0] <= MAX_VECTORS:
+        raise invalid(
+            field, f"embedding shape {shape} does not fit: expected (n, {width}) with 1 <= n <= {MAX_VECTORS}"
+        )
+    vocabulary = _vocabulary(model_folder)
+    if token in vocabulary or f"{token}</w>" in vocabulary:
+        raise invalid(field, f"token {token!r} is already a word of the base model")
+    return CheckedAdapter(tokens=[token], metadata=metadata, tensors=1)
+
+
+def _vocabulary(model_folder: Path) -> set[str]:
+    path = model_folder / "tokenizer" / "vocab.json"
+    try:
+        vocabulary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return set()
+    return set(vocabulary) if isinstance(vocabulary, dict) else set()
