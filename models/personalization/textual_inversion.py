@@ -28,6 +28,7 @@ from models.personalization.training import (
     added_tokens,
     concept_phrase,
     images_to_latents,
+    is_known_word,
     load_optimizer_tensors,
     noise_prediction_loss,
     optimizer_tensors,
@@ -63,7 +64,7 @@ def check_params(components: Components, params: Params, images: list[Image.Imag
         raise ValueError(f"images must hold 1 to 20 images, got {len(images)}")
     if not params.token or " " in params.token:
         raise ValueError(f"token must be one word, got {params.token!r}")
-    if params.token in components.tokenizer.get_vocab():
+    if is_known_word(components.tokenizer, params.token):
         raise ValueError(f"token {params.token!r} is already a word of the model; choose a new one, e.g. '<s1>'")
     if params.steps < 1:
         raise ValueError(f"steps must be at least 1, got {params.steps}")

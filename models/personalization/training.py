@@ -122,6 +122,12 @@ def token_vectors(components: Components, words: list[str]) -> torch.Tensor:
     return torch.stack(rows).detach().clone().float()
 
 
+def is_known_word(tokenizer: CLIPTokenizer, word: str) -> bool:
+    """Whether the tokenizer already has `word` as one token (CLIP's BPE keeps whole words as "word</w>")."""
+    vocabulary = tokenizer.get_vocab()
+    return word in vocabulary or f"{word}</w>" in vocabulary
+
+
 def expand_aliases(text: str, aliases: dict[str, str]) -> str:
     """Replace each whole word of `text` that is a key of `aliases` by its value ("<s1>" -> "<s1> <s1>_1")."""
     return " ".join(aliases.get(word, word) for word in text.split(" "))
@@ -178,7 +184,7 @@ def added_tokens(
         raise ValueError("the tokenizer and the text encoder's embedding table disagree in size")
     tokenizer = copy.deepcopy(original_tokenizer)
     for token in tokens:
-        if token in tokenizer.get_vocab() or tokenizer.add_tokens([token]) != 1:
+        if is_known_word(tokenizer, token) or tokenizer.add_tokens([token]) != 1:
             raise ValueError(f"token {token!r} is already in the vocabulary; choose a new one, e.g. '<s1>'")
     if aliases:
         tokenizer = _with_aliases(tokenizer, aliases)
