@@ -126,6 +126,13 @@ class DiffusionClassifierRequest(JobRequest):
             raise ValueError("the classes must be distinct")
         return template
 
+    @field_validator("samples_per_stage")
+    @classmethod
+    def _samples(cls, samples: list[int]) -> list[int]:
+        if sum(samples) > MAX_SAMPLES:
+            raise ValueError(f"sums to {sum(samples)}: a class gets at most {MAX_SAMPLES} samples")
+        return samples
+
     @field_validator("keep_per_stage")
     @classmethod
     def _schedule(cls, keep: list[int], info: ValidationInfo) -> list[int]:
@@ -136,8 +143,6 @@ class DiffusionClassifierRequest(JobRequest):
             raise ValueError(f"one entry per stage but the last: {len(samples) - 1} for {len(samples)} stages")
         if any(b > a for a, b in zip(keep, keep[1:], strict=False)):
             raise ValueError(f"must be non-increasing, got {keep}")
-        if sum(samples) > MAX_SAMPLES:
-            raise ValueError(f"samples_per_stage sums to {sum(samples)}, at most {MAX_SAMPLES}")
         n_classes = len(info.data.get("prompts") or info.data.get("class_names") or [])
         alive, evaluations = n_classes, 0
         for stage, n in enumerate(samples):

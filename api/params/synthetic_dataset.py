@@ -95,6 +95,13 @@ class SyntheticDatasetRequest(JobRequest):
                 raise ValueError("pseudo-labelling needs at least 2 classes with distinct prompts")
         return pseudo_label
 
+    @field_validator("pseudo_label_samples_per_stage")
+    @classmethod
+    def _samples(cls, samples: list[int]) -> list[int]:
+        if sum(samples) > MAX_SAMPLES:
+            raise ValueError(f"sums to {sum(samples)}: a class gets at most {MAX_SAMPLES} samples")
+        return samples
+
     @field_validator("pseudo_label_keep_per_stage")
     @classmethod
     def _schedule(cls, keep: list[int], info: ValidationInfo) -> list[int]:
@@ -105,8 +112,6 @@ class SyntheticDatasetRequest(JobRequest):
             raise ValueError(f"one entry per stage but the last: {len(samples) - 1} for {len(samples)} stages")
         if any(b > a for a, b in zip(keep, keep[1:], strict=False)):
             raise ValueError(f"must be non-increasing, got {keep}")
-        if sum(samples) > MAX_SAMPLES:
-            raise ValueError(f"pseudo_label_samples_per_stage sums to {sum(samples)}, at most {MAX_SAMPLES}")
         return keep
 
 
