@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pydantic import ConfigDict, Field, field_validator
 
-from pydantic import ConfigDict, Field, model_validator
-
-from api.params.common import JobRequest
+from api.params.common import AdapterRef, JobRequest
 from api.registry import MethodSpec
-
-AdapterId = Annotated[
-    str, Field(min_length=1, max_length=40, pattern=r"^adp_[0-9a-f]+$", description="An adapter id (`adp_…`).")
-]
 
 
 class CustomDiffusionMergeRequest(JobRequest):
@@ -20,22 +14,27 @@ class CustomDiffusionMergeRequest(JobRequest):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"merge_adapters": ["adp_0123456789abcdef01234567", "adp_89abcdef0123456701234567"]}]
+            "examples": [{"adapters": [{"id": "adp_0123456789abcdef01234567"}, {"id": "adp_89abcdef0123456701234567"}]}]
         },
     )
 
-    merge_adapters: list[AdapterId] = Field(
-        min_length=2, max_length=2, description="The ids of two custom-diffusion adapters with distinct tokens."
+    adapters: list[AdapterRef] = Field(
+        min_length=2,
+        max_length=2,
+        description="The two custom-diffusion adapters to merge (distinct modifier tokens); read, not installed, so "
+        "`scale` is ignored.",
     )
+    name: str = Field(default="", max_length=200, description="The merged adapter's name in the registry.")
     regularization_captions: int = Field(
         default=200, ge=8, le=2000, description="Captions whose text features the merged K/V keep (the objective)."
     )
 
-    @model_validator(mode="after")
-    def _distinct(self) -> CustomDiffusionMergeRequest:
-        if self.merge_adapters[0] == self.merge_adapters[1]:
-            raise ValueError("merge_adapters must be two different adapters")
-        return self
+    @field_validator("adapters")
+    @classmethod
+    def _two_distinct(cls, value: list[AdapterRef]) -> list[AdapterRef]:
+        if len(value) == 2 and value[0].id == value[1].id:
+            raise ValueError("adapters must be two different adapters")
+        return value
 
 
 SPEC = MethodSpec(
@@ -47,4 +46,5 @@ SPEC = MethodSpec(
     runner="models.personalization.custom_diffusion_merge",
     queue="training",
     paper="Kumari et al., Multi-Concept Customization of Text-to-Image Diffusion, CVPR 2023, sec. 3.2",
+    extra={"adapters_as_inputs": True},
 )

@@ -1,7 +1,8 @@
 """The `custom-diffusion-merge` job: two Custom Diffusion adapters -> one, by the closed-form constrained least
 squares of Kumari et al. (CVPR 2023, sec. 3.2, eq. 4-5); the maths is `custom_diffusion.merge`.
 
-inputs["merge_adapters"]: the two `Adapter`s, resolved from the request's adapter ids by the worker (in order).
+inputs["adapters"]: the two (`Adapter`, scale) pairs the worker resolves from the request's adapter ids (in
+order; the scales are ignored: the merge keeps each concept as trained).
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ def run(
     generator: torch.Generator,
     callback: ProgressCallback = no_progress,
 ) -> MethodOutput:
-    """Merge inputs["merge_adapters"] (two custom-diffusion adapters); returns the merged adapter."""
+    """Merge inputs["adapters"] (two custom-diffusion adapters); returns the merged adapter."""
     # 1. Check inputs
-    adapters = inputs.get("merge_adapters")
-    if not isinstance(adapters, list) or len(adapters) != 2 or not all(isinstance(a, Adapter) for a in adapters):
-        raise ValueError("merge_adapters must be two custom-diffusion adapters")
+    given = inputs.get("adapters")
+    adapters = [item[0] if isinstance(item, tuple) else item for item in given] if isinstance(given, list) else []
+    if len(adapters) != 2 or not all(isinstance(adapter, Adapter) for adapter in adapters):
+        raise ValueError("adapters must be two custom-diffusion adapters")
     if params.regularization_captions < 1:
         raise ValueError(f"regularization_captions must be at least 1, got {params.regularization_captions}")
     started = time.perf_counter()
 
     # 2. Merge (eq. 4-5) over seeded regularisation captions
-    merged = merge(components, adapters[0], adapters[1], caption_corpus(params.regularization_captions))
+    first, second = adapters
+    assert isinstance(first, Adapter) and isinstance(second, Adapter)
+    merged = merge(components, first, second, caption_corpus(params.regularization_captions))
     callback(1, 1)
     files = {name: OutputFile(data, "application/octet-stream") for name, data in diffusers_files(merged).items()}
     metrics: dict[str, float | int | str] = {

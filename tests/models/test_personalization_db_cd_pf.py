@@ -224,7 +224,7 @@ def test_custom_diffusion_merge_satisfies_the_constraint(
     output = custom_diffusion_merge.run(
         components,
         custom_diffusion_merge.Params(regularization_captions=64),
-        {"merge_adapters": [first, second]},
+        {"adapters": [(first, 1.0), (second, 1.0)]},
         generator=gen(0),
     )
     merged = output.adapter
@@ -394,9 +394,9 @@ def test_merge_refuses_the_same_token_and_other_types(
         custom_diffusion.merge(components, first, first, ["a circle"])
     with pytest.raises(ValueError, match="must be a custom-diffusion adapter"):
         custom_diffusion.merge(components, first, Adapter("perfusion", {}, {}), ["a circle"])
-    with pytest.raises(ValueError, match="merge_adapters must be two"):
+    with pytest.raises(ValueError, match="adapters must be two"):
         custom_diffusion_merge.run(
-            components, custom_diffusion_merge.Params(), {"merge_adapters": [first]}, generator=gen(0)
+            components, custom_diffusion_merge.Params(), {"adapters": [(first, 1.0)]}, generator=gen(0)
         )
 
 
@@ -434,9 +434,9 @@ FILE_IDS = ["file_0123456789abcdef01234567", "file_0123456789abcdef01234568", "f
         ),
         ("/v1/trainings/perfusion", {"images": FILE_IDS, "token": "<s1>", "gate_temperature": 0}, "gate_temperature"),
         ("/v1/trainings/perfusion", {"images": FILE_IDS, "token": "<s1>", "adapters": [{"id": "adp_00"}]}, "adapters"),
-        ("/v1/trainings/custom-diffusion-merge", {"merge_adapters": ["adp_0a", "adp_0a"]}, ""),
-        ("/v1/trainings/custom-diffusion-merge", {"merge_adapters": ["adp_0a"]}, "merge_adapters"),
-        ("/v1/trainings/custom-diffusion-merge", {"merge_adapters": ["adp_0a", "not-an-id"]}, "merge_adapters"),
+        ("/v1/trainings/custom-diffusion-merge", {"adapters": [{"id": "adp_0a"}, {"id": "adp_0a"}]}, "adapters"),
+        ("/v1/trainings/custom-diffusion-merge", {"adapters": [{"id": "adp_0a"}]}, "adapters"),
+        ("/v1/trainings/custom-diffusion-merge", {"adapters": [{"id": "adp_0a"}, {"id": "not-an-id"}]}, "adapters"),
     ],
 )
 def test_bad_request_is_422_naming_the_field(
