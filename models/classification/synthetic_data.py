@@ -12,8 +12,9 @@ Archive `dataset.zip`: `images/00000.png`, ... and `labels.jsonl`, one line per 
 {"file", "index", "class_index", "label", "prompt", "seed", and with pseudo-labelling "pseudo_label",
 "pseudo_label_index", "pseudo_label_score", "agrees"}. Image i's initial noise is drawn from its own generator
 seeded `seed` (recorded), so a text-to-image job with that seed and the same settings redraws it.
-Not implemented: adapters (a personalized concept's weights; issue 5's registry), the robust training itself
-(the bench's `models/classification/robust.py` does it).
+Adapters (a personalized concept) need nothing here: every job's `adapters` field makes the worker install them
+on the model around `run` (issue 5), so a class prompt can name a textual-inversion token.
+Not implemented: the robust training itself (the bench's `models/classification/robust.py` does it).
 """
 
 from __future__ import annotations

@@ -281,6 +281,28 @@ def test_dataset_progress_counts_generation_then_labelling(components: Component
     assert seen[-1] == (total, total) and [s for s, _ in seen] == sorted(s for s, _ in seen)
 
 
+def test_dataset_draws_a_personalized_concept_through_an_adapter(components: Components) -> None:
+    """With a textual-inversion adapter installed (as the worker does for a job's `adapters`), a class prompt can
+    name its token. Here the token's vector is the embedding of "red", so the images are the ones "red" draws."""
+    from models.personalization.apply import applied
+    from models.personalization.common import Adapter
+
+    (red_id,) = components.tokenizer("red", add_special_tokens=False).input_ids
+    vector = components.text_encoder.get_input_embeddings().weight[red_id].detach().clone()[None]
+    adapter = Adapter("textual-inversion", {"<my-concept>": vector}, {"tokens": json.dumps(["<my-concept>"])})
+    concept = PROMPTS[0].replace("red", "<my-concept>")
+    with applied(components, [(adapter, 1.0)]):
+        out = dataset(components, classes=[{"label": "mine", "prompt": concept, "count": 2}])
+    reference = dataset(components, classes=[{"label": "mine", "prompt": PROMPTS[0], "count": 2}])
+    _, records, images = read(out.files[synthetic_data.ARCHIVE].data)
+    _, _, expected = read(reference.files[synthetic_data.ARCHIVE].data)
+    assert records[0]["prompt"] == concept
+    for name, image in images.items():
+        difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected[name], dtype=np.int16))
+        assert difference.max() <= 1, name
+    assert "<my-concept>" not in components.tokenizer.get_vocab()  # the job left the model as it found it
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
