@@ -127,8 +127,9 @@ def held_out_loss(components: Components, unet: torch.nn.Module, clean: torch.Te
 
 
 def test_each_stage_lowers_the_reconstruction_loss(components: Components, image: Image.Image) -> None:
-    """Kawar et al. sec. 3: e_opt reconstructs x better than e_tgt with the frozen model (stage A), and the
-    fine-tuned model reconstructs it better still with e_opt (stage B); measured on fixed held-out draws."""
+    """Kawar et al. sec. 3: e_opt reconstructs x better than e_tgt with the frozen model (stage A), the fine-tuned
+    model reconstructs it better still with e_opt (stage B), and on that model eta = 0 reconstructs better than
+    eta = 1; all measured as the denoising loss on fixed held-out draws."""
     import copy
 
     with torch.no_grad():
@@ -143,6 +144,9 @@ def test_each_stage_lowers_the_reconstruction_loss(components: Components, image
     imagic.finetune(unet, scheduler, clean, optimised, 40, 3e-5, gen(1))
     loss_tuned = held_out_loss(components, unet, clean, optimised)
     assert loss_tuned < loss_optimised, (loss_tuned, loss_optimised)
+    # Stage C's ends on the fine-tuned model: eta = 0 (e_opt) reconstructs the input better than eta = 1 (e_tgt)
+    loss_eta_1 = held_out_loss(components, unet, clean, imagic.interpolate(target, optimised, 1.0))
+    assert loss_tuned < loss_eta_1, (loss_tuned, loss_eta_1)
 
 
 def test_interpolation_endpoints() -> None:
