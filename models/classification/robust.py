@@ -37,6 +37,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     adversary: Adversary | None = None
+    width: int = 32  # channels of the first conv block
 
 
 class SmallCNN(nn.Module):
@@ -118,7 +119,7 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the layers' initialisation
-        model = SmallCNN(heads, size=pixels.shape[-1])
+        model = SmallCNN(heads, size=pixels.shape[-1], width=config.width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     n = pixels.shape[0]
     steps = config.epochs * ((n + config.batch_size - 1) // config.batch_size)
