@@ -161,6 +161,20 @@ def test_adaptive_schedule_spends_fewer_evaluations_than_naive(components: Compo
         assert item["error"] == pytest.approx(naive_errors[item["index"]], rel=1e-5)
 
 
+def test_cancel_from_the_callback_stops_the_job(components: Components, image: Image.Image) -> None:
+    """The worker cancels by raising from the progress callback: no UNet forward runs after it."""
+    calls: list[tuple[int, int]] = []
+
+    def cancel(step: int, total: int) -> None:
+        calls.append((step, total))
+        raise KeyboardInterrupt  # stands in for the worker's JobCanceled
+
+    params = dc.Params(prompts=PROMPTS, samples_per_stage=(4, 4), keep_per_stage=(2,), batch_size=3)
+    with pytest.raises(KeyboardInterrupt):
+        dc.run(components, params, {"image": image}, generator=gen(0), callback=cancel)
+    assert calls == [(3, 3 * 4 + 2 * 4)]  # one forward of 3 items, then stopped
+
+
 def test_generated_image_is_classified_as_its_prompt(components: Components) -> None:
     """Li et al.'s premise in a small fixture: an image drawn from class k's prompt (25 DDIM steps, guidance 7.5,
     seed 0) is classified as k among the three prompts, for each k."""
