@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import io
 import json
 import logging
@@ -253,7 +254,7 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
         params = _method_params(module.Params, job.params)
         generator = torch.Generator("cpu").manual_seed(int(job.params.get("seed", 0)))
         extra: dict[str, Any] = {}
-        if spec.queue == "training":  # a resumed attempt finds the last checkpoint under the same key
+        if "checkpoints" in inspect.signature(module.run).parameters:  # a resumed attempt finds the last checkpoint
             extra["checkpoints"] = ArtifactCheckpoints(ctx.artifacts, checkpoint_key(job.tenant_id, job.id))
         if spec.extra.get("adapters_as_inputs"):  # e.g. a merge job: the method reads them, nothing is installed
             inputs["adapters"], adapters = adapters, []
