@@ -80,6 +80,7 @@ class Ip2pTrainParams:
     steps: int = 1500
     batch_size: int = 48
     lr: float = 5e-4
+    conv_in_lr_mult: float = 1.0  # the zero-initialised image channels live in conv_in
     warmup: int = 100
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
@@ -227,21 +228,29 @@ def stage_train(run: Path, args: argparse.Namespace) -> None:
         },
     )
     manifest = read_manifest(run)
-    manifest["train"] = asdict(params)
+    manifest.setdefault("train", {})[args.stage_dir] = {**asdict(params), "init_from": args.init_from}
     write_manifest(run, manifest)
     cache = torch.load(run / "triples.pt", weights_only=True)
     train, held_out, empty = cache["train"], cache["eval"], cache["empty_hidden"]
     torch.manual_seed(params.seed)
     unet = eight_channel_unet(UNet2DConditionModel.from_pretrained(str(Path(args.base) / "unet")))
+    if args.init_from:  # a later phase: the raw weights of another stage's checkpoint, fresh optimizer and EMA
+        unet.load_state_dict(load_checkpoint(run / args.init_from)["unet"])
+        logger.info("initialised from %s", args.init_from)
     unet.train()
     logger.info("UNet %d params, %d triples", count_parameters(unet), len(train["target"]))
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    conv_in = list(unet.conv_in.parameters())
+    groups = [
+        {"params": conv_in, "base_lr": params.lr * params.conv_in_lr_mult},
+        {"params": [p for n, p in unet.named_parameters() if not n.startswith("conv_in.")], "base_lr": params.lr},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
     modules = {"unet": unet}
     ema = Ema(modules, params.ema_decay)
     numpy_rng = np.random.default_rng([params.seed, 5])
     generator = torch.Generator().manual_seed(params.seed)
     alpha_bar = alphas_cumprod()
-    out_dir = run / "ip2p"
+    out_dir = run / args.stage_dir
     start_step, wall_s = 0, 0.0
     checkpoint_path = latest_checkpoint(out_dir) if args.resume else None
     if checkpoint_path is not None:
@@ -272,7 +281,7 @@ def stage_train(run: Path, args: argparse.Namespace) -> None:
         per_sample = ip2p_loss(unet, train["target"][index], source, hidden, timesteps, noise, alpha_bar)
         loss = (per_sample * loss_weights(timesteps, alpha_bar, params.loss_weighting)).mean()
         for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step, params.lr, params.warmup, params.steps)
+            group["lr"] = warmup_cosine_lr(step, group["base_lr"], params.warmup, params.steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), params.grad_clip)
@@ -303,12 +312,12 @@ def stage_train(run: Path, args: argparse.Namespace) -> None:
 
 
 def assemble_pipeline(
-    run: Path, base: Path, use_ema: bool = True
+    run: Path, base: Path, use_ema: bool = True, stage_dir: str = "ip2p"
 ) -> tuple[StableDiffusionInstructPix2PixPipeline, int]:
     """The stock InstructPix2Pix pipeline from the newest checkpoint and the base model's other parts."""
-    checkpoint_path = latest_checkpoint(run / "ip2p")
+    checkpoint_path = latest_checkpoint(run / stage_dir)
     if checkpoint_path is None:
-        raise FileNotFoundError(f"no checkpoint in {run / 'ip2p'}")
+        raise FileNotFoundError(f"no checkpoint in {run / stage_dir}")
     state = load_checkpoint(checkpoint_path)
     unet = eight_channel_unet(UNet2DConditionModel.from_pretrained(str(base / "unet")))
     ema = {key[len("unet.") :]: value for key, value in state["ema"].items() if key.startswith("unet.")}
@@ -327,24 +336,66 @@ def assemble_pipeline(
     return pipeline, int(state["step"])
 
 
-def model_card(manifest: dict[str, Any], records: list[dict[str, Any]], step: int) -> str:
+def phases(manifest: dict[str, Any], stage_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """The training stages that made ``stage_dir``'s weights, first to last, following ``init_from``."""
+    stages = manifest.get("train", {})
+    chain: list[tuple[str, dict[str, Any]]] = []
+    current: str | None = stage_dir
+    while current is not None and current in stages:
+        chain.insert(0, (current, stages[current]))
+        init_from = stages[current].get("init_from")
+        current = init_from.split("/")[0] if init_from else None
+    return chain
+
+
+def phase_lines(run: Path, chain: list[tuple[str, dict[str, Any]]], last_step: int) -> tuple[str, str]:
+    """Model-card bullets per phase and the diagnostic table rows."""
+    bullets, rows = [], []
+    for index, (name, params) in enumerate(chain):
+        records = read_metrics(run / name / "metrics.jsonl")
+        if index + 1 < len(chain):  # an earlier phase: up to the checkpoint the next one started from
+            start = str(chain[index + 1][1]["init_from"])
+            stop = int(start.rsplit("-", 1)[-1].split(".")[0])
+        else:
+            stop = last_step
+        kept = [r for r in records if r["step"] <= stop]
+        losses = [r for r in kept if "loss" in r]
+        wall = f"{losses[-1]['wall_s'] / 60:.1f} min" if losses else "n/a"
+        loss = f"{losses[-1]['loss']:.4f}" if losses else "n/a"
+        origin = (
+            f" from `{params['init_from']}` (raw weights, fresh optimizer and EMA)" if params.get("init_from") else ""
+        )
+        if params.get("conv_in_lr_mult", 1.0) != 1.0:
+            origin += (
+                f", conv_in at {params['conv_in_lr_mult']}x the learning rate (its zero-initialised image channels "
+                "had barely moved at the base rate)"
+            )
+        settings = ", ".join(f"`{k}={v}`" for k, v in params.items() if k != "init_from")
+        bullets.append(
+            f"- Phase {index + 1} (`{name}`){origin}: {stop} steps of a {params.get('steps')}-step schedule, "
+            f"batch {params.get('batch_size')}, one CPU thread, wall {wall}, last training loss {loss} "
+            f"(p2-weighted epsilon MSE). Settings: {settings}."
+        )
+        rows += [
+            "| {} {} | {} |".format(name, r["step"], " | ".join(f"{r[k]:.4f}" for k in EVAL_COLUMNS))
+            for r in kept
+            if "eval_both" in r
+        ]
+    return "\n".join(bullets), "\n".join(rows)
+
+
+def model_card(run: Path, manifest: dict[str, Any], stage_dir: str, step: int) -> str:
     """README.md of the exported model."""
-    train = manifest.get("train", {})
     data = manifest.get("data", {})
-    last = [r for r in records if "loss" in r and r["step"] <= step]
-    evals = [r for r in records if "eval_both" in r and r["step"] <= step]
-    final_loss = f"{last[-1]['loss']:.4f}" if last else "n/a"
-    wall = f"{last[-1]['wall_s'] / 60:.1f} min" if last else "n/a"
-    rows = "\n".join("| {} | {} |".format(r["step"], " | ".join(f"{r[k]:.4f}" for k in EVAL_COLUMNS)) for r in evals)
+    bullets, rows = phase_lines(run, phases(manifest, stage_dir), step)
     commands = "\n".join(manifest.get("commands", []))
     examples = "\n".join(f"- {e}" for e in data.get("examples", []))
-    settings = ", ".join(f"`{k}={v}`" for k, v in train.items())
     return f"""# shapes-ip2p-tiny
 
 A tiny InstructPix2Pix model (Brooks et al. 2023) for ShapesWorld, fine-tuned by `zoo/train_ip2p.py` from
 `zoo/shapes-sd-tiny`: its UNet takes 8 input channels (the noisy latent and the input image's VAE latent),
 initialised from the base UNet with the 4 extra conv_in channels at zero. VAE, text encoder, tokenizer and
-scheduler are the base model's, unchanged. Load it with stock diffusers:
+scheduler are the base model's, unchanged (frozen during training). Load it with stock diffusers:
 
 ```python
 StableDiffusionInstructPix2PixPipeline.from_pretrained("zoo/shapes-ip2p-tiny", safety_checker=None)
@@ -362,25 +413,23 @@ Examples:
 
 ## Training
 
-Commands (from the repository root):
+Commands (from the repository root, in the order run; a stopped command was resumed or followed by a
+new phase):
 
 ```
 {commands}
 ```
 
-- {step} of {train.get("steps", "?")} steps of batch {train.get("batch_size", "?")} on one CPU thread, wall {wall},
-  final training loss {final_loss} (p2-weighted epsilon MSE).
-- Conditioning dropout: instruction {train.get("dropout", "?")}, image {train.get("dropout", "?")}, both
-  {train.get("dropout", "?")} (for the two classifier-free guidance scales).
-- Settings: {settings}.
-- Weights: fp32 safetensors, exponential moving average.
+{bullets}
+- Conditioning dropout (Brooks et al. sec. 3.2.1): instruction only, image only, both, each 5%.
+- Exported: step {step} of the last phase, exponential-moving-average weights, fp32 safetensors.
 
 ### Conditioning diagnostic
 
 Held-out epsilon MSE (raw weights, t in {EVAL_TIMESTEPS}, fixed noise) with instruction and image (both),
 without the instruction, without the image (zero latent), and with another triple's instruction.
 
-| step | both | no text | no image | wrong text |
+| phase, step | both | no text | no image | wrong text |
 | --- | --- | --- | --- | --- |
 {rows}
 """
@@ -389,12 +438,11 @@ without the instruction, without the image (zero latent), and with another tripl
 def stage_export(run: Path, args: argparse.Namespace) -> None:
     """Write the diffusers directory and the model card."""
     out = Path(args.out)
-    pipeline, step = assemble_pipeline(run, Path(args.base), use_ema=not args.no_ema)
+    pipeline, step = assemble_pipeline(run, Path(args.base), use_ema=not args.no_ema, stage_dir=args.stage_dir)
     if out.exists():
         shutil.rmtree(out)
     pipeline.save_pretrained(str(out), safe_serialization=True)
-    records = read_metrics(run / "ip2p" / "metrics.jsonl")
-    (out / "README.md").write_text(model_card(read_manifest(run), records, step))
+    (out / "README.md").write_text(model_card(run, read_manifest(run), args.stage_dir, step))
     logger.info("exported step %d to %s", step, out)
 
 
@@ -406,6 +454,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=list(STAGES))
     parser.add_argument("--run", default="ip2p")
+    parser.add_argument("--stage-dir", default="ip2p", help="subdirectory of the training stage (phases, A/B runs)")
+    parser.add_argument("--init-from", default=None, help="train: start from this checkpoint (path in the run)")
     parser.add_argument("--base", default=str(BASE_MODEL))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)

@@ -33,7 +33,7 @@ MODEL = Path(__file__).resolve().parents[2] / "zoo" / "shapes-ip2p-tiny"
 GRID_CASES = 16
 EDITED_ATTRIBUTE = {"recolor": "color", "reshape": "shape", "resize": "size"}
 TABLE_TEXT = (3.0, 7.5)
-TABLE_IMAGE = (1.0, 1.5, 2.5)
+TABLE_IMAGE = (1.5, 5.0, 10.0)
 
 
 def cases(n: int, seed: int) -> list[EditTriple]:
@@ -147,8 +147,8 @@ def run(ctx: BenchContext) -> GroupResult:
         columns=8,
     )
 
-    # 2. The two guidance scales: a small table on the first quarter of the cases.
-    n_table = max(4, ctx.n // 4)
+    # 2. The two guidance scales: a small table on the first sixth of the cases.
+    n_table = max(4, ctx.n // 6)
     table: list[dict[str, float]] = []
     for text_scale in TABLE_TEXT:
         for image_scale in TABLE_IMAGE:
