@@ -2,7 +2,7 @@
 
 Concepts (never in base training): the star, heart and cross shapes, the checkered fill and the two-tone circle
 subject, each learned from 5 rendered images (random colour, size, cell, background; fixed seeds). Each method
-trains one adapter per concept, then with fixed generation seeds (ctx.seed + i, DDIM `ctx.steps`, guidance 7.5):
+trains one adapter per concept, then with fixed generation seeds (ctx.seed + i, DDIM `GEN_STEPS`, guidance 7.5):
 - fidelity: "a S*" prompts; the oracle must see the concept (the shape; the checkered fill; a two-tone red+blue
   object for the subject). Target >= 80%;
 - editability: "a blue S* at the top left" (the subject is two-tone by definition: "a S* at the top left"); the
@@ -143,7 +143,7 @@ def generate(
     """One image per prompt (seed ctx.seed + i), the adapters installed around each job as the worker does."""
     images = []
     for index, prompt in enumerate(prompts):
-        params = text_to_image.Params(prompt=prompt, steps=ctx.steps, guidance_scale=GUIDANCE)
+        params = text_to_image.Params(prompt=prompt, steps=GEN_STEPS, guidance_scale=GUIDANCE)
         with installed():
             output = text_to_image.run(
                 ctx.components, params, generator=torch.Generator().manual_seed(ctx.seed + index)
@@ -263,14 +263,16 @@ def concept_rows(
 # The three methods
 
 
-DB_STEPS, CD_STEPS, PF_STEPS = 120, 120, 150
+DB_STEPS, CD_STEPS, PF_STEPS = 80, 80, 100
+CLASS_IMAGES = 4  # prior / regularisation images per concept
+GEN_STEPS = 20  # DDIM steps of every evaluation image
 
 
 def dreambooth_trainer(prior: bool) -> Trainer:
     def train(c: Components, concept: Concept, token: str, images: list[Image.Image], seed: int) -> MethodOutput:
         params = dreambooth.Params(
             token=token, class_word=concept.class_word, steps=DB_STEPS, learning_rate=2e-4, prior_preservation=prior,
-            num_class_images=8, class_steps=20, checkpoint_every=0,
+            num_class_images=CLASS_IMAGES, class_steps=GEN_STEPS, checkpoint_every=0,
         )  # fmt: skip
         return dreambooth.run(c, params, {"images": images}, generator=torch.Generator().manual_seed(seed))
 
@@ -279,8 +281,8 @@ def dreambooth_trainer(prior: bool) -> Trainer:
 
 def cd_trainer(c: Components, concept: Concept, token: str, images: list[Image.Image], seed: int) -> MethodOutput:
     params = custom_diffusion.Params(
-        token=token, class_word=concept.class_word, steps=CD_STEPS, learning_rate=2e-3, num_class_images=8,
-        class_steps=20, checkpoint_every=0,
+        token=token, class_word=concept.class_word, steps=CD_STEPS, learning_rate=2e-3, num_class_images=CLASS_IMAGES,
+        class_steps=GEN_STEPS, checkpoint_every=0,
     )  # fmt: skip
     return custom_diffusion.run(c, params, {"images": images}, generator=torch.Generator().manual_seed(seed))
 
