@@ -218,8 +218,17 @@ def context_prompts(token: str, count: int = 32, seed: int = CORPUS_SEED) -> lis
 
 
 def mean_encoding(components: Components, prompts: list[str], word: str) -> torch.Tensor:
-    """The mean over `prompts` of the text encoder's output at `word` (its last sub-token): (D,)."""
-    return torch.stack([word_encoding(components, prompt, word) for prompt in prompts]).mean(dim=0)
+    """The mean over `prompts` of the text encoder's output at `word` (its last sub-token), one batch: (D,)."""
+    word_ids = components.tokenizer(word, add_special_tokens=False)["input_ids"]
+    positions = []
+    for prompt in prompts:
+        ids = components.tokenizer(prompt)["input_ids"]
+        starts = [i for i in range(len(ids) - len(word_ids) + 1) if ids[i : i + len(word_ids)] == word_ids]
+        if not starts:
+            raise ValueError(f"{word!r} does not occur in {prompt!r}")
+        positions.append(starts[0] + len(word_ids) - 1)
+    features = encode_prompts(components.text_encoder, components.tokenizer, prompts)  # (P, L, D)
+    return features[torch.arange(len(prompts)), torch.tensor(positions)].float().mean(dim=0)
 
 
 def word_encoding(components: Components, prompt: str, word: str) -> torch.Tensor:
