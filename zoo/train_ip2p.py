@@ -442,6 +442,8 @@ def stage_export(run: Path, args: argparse.Namespace) -> None:
     if out.exists():
         shutil.rmtree(out)
     pipeline.save_pretrained(str(out), safe_serialization=True)
+    shutil.rmtree(out / "tokenizer")  # the base model's tokenizer files verbatim (vocab.json and merges.txt too)
+    shutil.copytree(Path(args.base) / "tokenizer", out / "tokenizer")
     (out / "README.md").write_text(model_card(run, read_manifest(run), args.stage_dir, step))
     logger.info("exported step %d to %s", step, out)
 
