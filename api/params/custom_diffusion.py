@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field, model_validator
 
-from api.params.common import ClassWord, ConceptToken, TrainingRequest
-from api.params.dreambooth import BatchSize, LearningRate, TrainingSteps
+from api.params.common import ConceptToken, TrainingRequest
+from api.params.dreambooth import BatchSize, LearningRate, RequiredClassWord, TrainingSteps
 from api.registry import IMAGE_LIST_FIELD_MARK, MethodSpec
 
 OptionalTrainingImages = Annotated[
@@ -42,6 +42,7 @@ class CustomDiffusionRequest(TrainingRequest):
         },
     )
 
+    class_word: RequiredClassWord
     steps: TrainingSteps = 200
     learning_rate: LearningRate = 1e-3
     batch_size: BatchSize = 2
@@ -52,7 +53,7 @@ class CustomDiffusionRequest(TrainingRequest):
     class_guidance_scale: float = Field(default=7.5, ge=1.0, le=30.0, description="Guidance of those images.")
     second_images: OptionalTrainingImages = Field(default=None, validate_default=True)
     second_token: ConceptToken | None = None
-    second_class_word: ClassWord | None = None
+    second_class_word: RequiredClassWord | None = None
 
     @model_validator(mode="after")
     def _second_concept_complete(self) -> CustomDiffusionRequest:

@@ -12,6 +12,15 @@ from api.registry import MethodSpec
 TrainingSteps = Annotated[int, Field(ge=1, le=20000, description="Optimisation steps.")]
 LearningRate = Annotated[float, Field(gt=0.0, le=1.0, description="AdamW learning rate.")]
 BatchSize = Annotated[int, Field(ge=1, le=64, description="Images per step (per concept).")]
+RequiredClassWord = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=100,
+        pattern=r"\S",
+        description="The concept's class in the model's words (`circle`), written after the token; required here.",
+    ),
+]
 
 
 class DreamBoothRequest(TrainingRequest):
@@ -36,6 +45,7 @@ class DreamBoothRequest(TrainingRequest):
         },
     )
 
+    class_word: RequiredClassWord
     steps: TrainingSteps = 200
     learning_rate: LearningRate = 2e-4
     batch_size: BatchSize = 2

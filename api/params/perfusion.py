@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field
 
 from api.params.common import TrainingRequest
-from api.params.dreambooth import BatchSize, LearningRate, TrainingSteps
+from api.params.dreambooth import BatchSize, LearningRate, RequiredClassWord, TrainingSteps
 from api.registry import MethodSpec
 
 
@@ -30,6 +30,7 @@ class PerfusionRequest(TrainingRequest):
         },
     )
 
+    class_word: RequiredClassWord
     steps: TrainingSteps = 200
     learning_rate: LearningRate = 2e-3
     batch_size: BatchSize = 2

@@ -82,6 +82,8 @@ def check_concept(components: Components, token: str, class_word: str, field: st
     """ValueError naming the field when the token already exists or a caption with it would be truncated."""
     if not token or any(ch.isspace() for ch in token):
         raise ValueError(f"{field} must be one word without spaces, got {token!r}")
+    if not class_word.strip():
+        raise ValueError(f"{field.replace('token', 'class_word')} must name the concept's class, e.g. 'circle'")
     vocabulary = components.tokenizer.get_vocab()
     if token in vocabulary or f"{token.lower()}</w>" in vocabulary:
         raise ValueError(f"{field} {token!r} is already in the vocabulary; choose a new one, e.g. '<s1>'")

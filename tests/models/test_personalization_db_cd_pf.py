@@ -354,6 +354,7 @@ def test_perfusion_strength_and_two_concepts(components: Components, pf_adapters
     [
         (lambda c: train_dreambooth(c, token="circle"), "token 'circle' is already in the vocabulary"),
         (lambda c: train_dreambooth(c, steps=0), "steps must be at least 1"),
+        (lambda c: train_dreambooth(c, class_word=" "), "class_word must name the concept's class"),
         (
             lambda c: train_cd(c, "<x1>", star_images(), second_token="<x1>", second_class_word="circle"),
             "second_token must differ",
@@ -421,6 +422,7 @@ FILE_IDS = ["file_0123456789abcdef01234567", "file_0123456789abcdef01234568", "f
         ("/v1/trainings/dreambooth", {"images": FILE_IDS[:2], "token": "<s1>", "class_word": "circle"}, "images"),
         ("/v1/trainings/dreambooth", {"images": FILE_IDS, "token": "two words", "class_word": "circle"}, "token"),
         ("/v1/trainings/dreambooth", {"images": FILE_IDS, "token": "<s1>", "num_class_images": 0}, "num_class_images"),
+        ("/v1/trainings/perfusion", {"images": FILE_IDS, "token": "<s1>", "class_word": ""}, "class_word"),
         (
             "/v1/trainings/dreambooth",
             {"images": FILE_IDS, "token": "<s1>", "prior_loss_weight": -1},
