@@ -54,3 +54,12 @@ def find_model(models_dir: Path, name: str, default_name: str) -> ModelOut | Non
         return None
     folder = models_dir / name
     return describe(folder, default_name) if (folder / "model_index.json").is_file() else None
+
+
+def model_for(models_dir: Path, default_name: str, requires: tuple[str, ...]) -> str:
+    """The model a job runs on when it names none: the default, or else the first model (default first, then by
+    name) that has every capability the method requires; the default when none has them (the caller's 422)."""
+    for model in list_models(models_dir, default_name):
+        if all(c in model.capabilities for c in requires):
+            return model.name
+    return default_name

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.catalog import find_model
+from api.catalog import find_model, model_for
 from api.errors import ApiError, invalid, not_found
 from api.images import CheckedImage, check_image, decode_base64
 from api.params.common import JobRequest
@@ -61,8 +61,8 @@ def create_job(
         if existing is not None:
             return existing, False
 
-    # 1. The base model must exist and be able to run this method.
-    model_name = request.model or settings.default_model
+    # 1. The base model must exist and be able to run this method (unnamed: the default, or one that can).
+    model_name = request.model or model_for(settings.models_dir, settings.default_model, spec.requires)
     model = find_model(settings.models_dir, model_name, settings.default_model)
     if model is None:
         raise not_found("model", model_name)

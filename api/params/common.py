@@ -58,7 +58,10 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(
-        default=None, max_length=200, description="Base model name from `GET /v1/models`; default: the server's."
+        default=None,
+        max_length=200,
+        description="Base model name from `GET /v1/models`; default: the server's, or, where the method needs a "
+        "capability the default lacks (instruct-pix2pix), the first model that has it.",
     )
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the job's random generator.")
     callback_url: AnyHttpUrl | None = Field(
