@@ -52,9 +52,8 @@ from models.personalization.training import (
     added_tokens,
     concept_phrase,
     images_to_latents,
-    load_optimizer_tensors,
     noise_prediction_loss,
-    optimizer_tensors,
+    parameter_state,
     train_loop,
     training_prompts,
 )
@@ -235,14 +234,7 @@ def run(
             optimizer.step()
             return float(total.detach())
 
-        def get_state() -> dict[str, torch.Tensor]:
-            return {**{n: p.detach() for n, p in trainable.items()}, **optimizer_tensors(optimizer)}
-
-        def set_state(state: dict[str, torch.Tensor]) -> None:
-            with torch.no_grad():
-                for name, parameter in trainable.items():
-                    parameter.copy_(state[name])
-            load_optimizer_tensors(optimizer, state)
+        get_state, set_state = parameter_state(trainable, optimizer)
 
         log = train_loop(
             steps=params.steps,

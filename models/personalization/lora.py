@@ -34,9 +34,8 @@ from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.training import (
     concept_phrase,
     images_to_latents,
-    load_optimizer_tensors,
     noise_prediction_loss,
-    optimizer_tensors,
+    parameter_state,
     train_loop,
     training_prompts,
 )
@@ -175,14 +174,7 @@ def run(
                 parameter.data.copy_((noise * 2 - 1) * bound)
         optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=1e-2)
 
-        def get_state() -> dict[str, torch.Tensor]:
-            return {**{k: p.detach() for k, p in trainable.items()}, **optimizer_tensors(optimizer)}
-
-        def set_state(state: dict[str, torch.Tensor]) -> None:
-            with torch.no_grad():
-                for key, parameter in trainable.items():
-                    parameter.copy_(state[key].to(parameter.device))
-            load_optimizer_tensors(optimizer, state)
+        get_state, set_state = parameter_state(trainable, optimizer)
 
         def step(index: int) -> float:
             picks = torch.randint(0, latents.shape[0], (params.batch_size,), generator=generator)

@@ -241,6 +241,24 @@ class TrainingLog:
         return float(sum(self.losses[-tail:]) / tail) if self.losses else float("nan")
 
 
+def parameter_state(
+    trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
+) -> tuple[Callable[[], dict[str, torch.Tensor]], Callable[[dict[str, torch.Tensor]], None]]:
+    """`train_loop`'s (get_state, set_state) for the usual case: the trainable tensors by name plus the
+    optimizer's state (`optimizer_tensors`); set_state copies them back in place, onto each tensor's device."""
+
+    def get_state() -> dict[str, torch.Tensor]:
+        return {**{name: parameter.detach() for name, parameter in trainable.items()}, **optimizer_tensors(optimizer)}
+
+    def set_state(state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, parameter in trainable.items():
+                parameter.copy_(state[name].to(parameter.device))
+        load_optimizer_tensors(optimizer, state)
+
+    return get_state, set_state
+
+
 def train_loop(
     *,
     steps: int,
