@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from store.artifacts import artifact_store
 from store.db import session_factory, session_scope
 from store.settings import Settings
-from store.tables import Job, StoredFile, new_id
+from store.tables import Job, StoredFile, new_id, utcnow
 from tests.conftest import make_tenant
 from worker.execution import WorkerContext, execute_job
 from worker.runtime import DevicePolicy, ModelCache
@@ -31,6 +31,9 @@ def context(settings: Settings, cache: ModelCache, **overrides: object) -> Worke
 
 
 def add_job(settings: Settings, tenant_id: str, kind: str, params: dict[str, object]) -> str:
+    """A queued job for this process to run. It is marked published several times just now, so the reconciler
+    of the session's live worker (if another test started it) backs off (16x ATELIER_REPUBLISH_AFTER_SECONDS)
+    instead of publishing it to that worker first."""
     with session_scope(settings.database_url) as session:
         job = Job(
             id=new_id("job"),
@@ -40,6 +43,8 @@ def add_job(settings: Settings, tenant_id: str, kind: str, params: dict[str, obj
             model=settings.default_model,
             params={"seed": 0, **params},
             max_attempts=3,
+            published_at=utcnow(),
+            publish_count=5,
         )
         session.add(job)
         return job.id
