@@ -6,6 +6,7 @@ This is the worker's whole logic; `worker/tasks.py` only hands it a job id.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import io
@@ -29,6 +30,7 @@ from api.registry import methods
 from models.common.components import MethodOutput
 from models.personalization.apply import applied
 from models.personalization.common import Adapter, read_metadata
+from models.personalization.dreambooth import CLASS_IMAGES_SEED, generate_class_images
 from store.adapters import checkpoint_key, get_adapter, read_adapter_file, save_adapter
 from store.artifacts import ArtifactNotFound, ArtifactStore
 from store.files import get_file, store_output
@@ -227,6 +229,27 @@ def _store_adapter(ctx: WorkerContext, session: Session, job: Job, output: Metho
     return row.id
 
 
+def _class_images(ctx: WorkerContext, job: Job, module: Any, params: Any, components: Any) -> dict[str, Any]:
+    """DreamBooth's prior images and Custom Diffusion's regularisation images, generated once per (base model,
+    prompt, count, steps, guidance) and kept in the artifact store for every later job and tenant (they depend on
+    the base model only). A model replaced on disk under the same name needs its `_shared/class-images/` cleared."""
+    requests = getattr(module, "class_image_requests", None)
+    if requests is None:
+        return {}
+    found: dict[str, Any] = {}
+    for name, request in requests(params).items():
+        description = [job.model, dataclasses.asdict(request), CLASS_IMAGES_SEED]
+        digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
+        keys = [f"_shared/class-images/{digest}/{index}.png" for index in range(request.count)]
+        try:
+            found[name] = [Image.open(io.BytesIO(ctx.artifacts.get(key))).convert("RGB") for key in keys]
+        except ArtifactNotFound:
+            found[name] = generate_class_images(components, request)
+            for key, image in zip(keys, found[name], strict=True):
+                ctx.artifacts.put(key, _png(image), "image/png")
+    return found
+
+
 def execute_job(ctx: WorkerContext, job_id: str) -> str:
     """Run the job if this worker can claim it; returns what happened (for logs and tests)."""
     # 1. Claim: a conditional update, so a duplicate message never runs a job twice.
@@ -252,6 +275,7 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             inputs = _load_inputs(ctx, session, job, spec.image_fields, spec.image_list_fields)
             adapters = _load_adapters(ctx, session, job)
         params = _method_params(module.Params, job.params)
+        inputs.update(_class_images(ctx, job, module, params, components))
         generator = torch.Generator("cpu").manual_seed(int(job.params.get("seed", 0)))
         extra: dict[str, Any] = {}
         if "checkpoints" in inspect.signature(module.run).parameters:  # a resumed attempt finds the last checkpoint

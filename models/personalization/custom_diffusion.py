@@ -41,6 +41,7 @@ from models.common.text import check_prompt, encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.dreambooth import (
     TOKEN_EMBEDDINGS_KEY,
+    ClassImageRequest,
     check_concept,
     class_images,
     identifier_vectors,
@@ -80,6 +81,19 @@ class Params:
     class_guidance_scale: float = 7.5
     flip: bool = False
     checkpoint_every: int = 50
+
+
+def class_image_requests(params: Params) -> dict[str, ClassImageRequest]:
+    """The regularisation images ("a <class>") a worker may fill from its cache, by input name."""
+    if not params.regularization:
+        return {}
+    concepts = [("class_images", params.class_word)]
+    if params.second_class_word:
+        concepts.append(("second_class_images", params.second_class_word))
+    return {
+        name: ClassImageRequest(f"a {word}", params.num_class_images, params.class_steps, params.class_guidance_scale)
+        for name, word in concepts
+    }
 
 
 @dataclass
@@ -181,15 +195,7 @@ def run(
     for token, class_word, images_key, class_key, _ in specs:
         class_latents = None
         if params.regularization:
-            regular = class_images(
-                components,
-                inputs.get(class_key),
-                f"a {class_word}",
-                params.num_class_images,
-                params.class_guidance_scale,
-                params.class_steps,
-                generator,
-            )
+            regular = class_images(components, inputs.get(class_key), class_image_requests(params)[class_key])
             class_latents = images_to_latents(components, regular)
         latents = images_to_latents(components, images[images_key], flip=params.flip)
         concepts.append(Concept(token, class_word, latents, class_latents))

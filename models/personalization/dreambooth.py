@@ -97,21 +97,51 @@ def identifier_vectors(components: Components, count: int, generator: torch.Gene
     return table.mean(dim=0) + table.std(dim=0) * noise
 
 
-def class_images(
-    components: Components,
-    given: object,
-    prompt: str,
-    count: int,
-    guidance_scale: float,
-    steps: int,
-    generator: torch.Generator,
-) -> list[Image.Image]:
-    """The prior images x_pr: `given` (a list of PIL images from the caller's cache) when it holds enough,
-    otherwise `count` images the frozen base model generates for `prompt` (DDIM, one batch)."""
-    if isinstance(given, list) and len(given) >= count and all(isinstance(im, Image.Image) for im in given):
-        return list(given[:count])
-    params = text_to_image.Params(prompt=prompt, steps=steps, guidance_scale=guidance_scale, num_images=count)
+CLASS_IMAGES_SEED = 0
+"""Class images come from their own generator with this seed, never the job's: the same (model, prompt, count,
+steps, guidance) always gives the same images, so a worker may cache them and a job with cached class images
+equals one that generated them."""
+
+
+@dataclass(frozen=True)
+class ClassImageRequest:
+    """The prior images x_pr one concept needs: `count` images of `prompt` from the frozen base model."""
+
+    prompt: str
+    count: int
+    steps: int
+    guidance_scale: float
+
+
+def generate_class_images(components: Components, request: ClassImageRequest) -> list[Image.Image]:
+    """`request.count` images the frozen base model generates for `request.prompt` (DDIM, one batch)."""
+    generator = torch.Generator("cpu").manual_seed(CLASS_IMAGES_SEED)
+    params = text_to_image.Params(
+        prompt=request.prompt, steps=request.steps, guidance_scale=request.guidance_scale, num_images=request.count
+    )
     return text_to_image.run(components, params, generator=generator).images
+
+
+def class_images(components: Components, given: object, request: ClassImageRequest) -> list[Image.Image]:
+    """The prior images: `given` (a list of PIL images, e.g. from the worker's cache) when it holds enough,
+    otherwise generated now."""
+    if isinstance(given, list) and len(given) >= request.count and all(isinstance(im, Image.Image) for im in given):
+        return list(given[: request.count])
+    return generate_class_images(components, request)
+
+
+def class_prompt(params: Params) -> str:
+    return params.class_prompt or f"a {params.class_word}".strip()
+
+
+def class_image_requests(params: Params) -> dict[str, ClassImageRequest]:
+    """The inputs a worker may fill from its cache of class images (none without prior preservation)."""
+    if not params.prior_preservation:
+        return {}
+    request = ClassImageRequest(
+        class_prompt(params), params.num_class_images, params.class_steps, params.class_guidance_scale
+    )
+    return {"class_images": request}
 
 
 def pick(count: int, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -144,8 +174,8 @@ def run(
     # 1. Check inputs
     images = images_list(inputs, "images")
     check_concept(components, params.token, params.class_word)
-    class_prompt = params.class_prompt or f"a {params.class_word}".strip()
-    check_prompt(components.tokenizer, class_prompt, "class_prompt")
+    prior_prompt = class_prompt(params)
+    check_prompt(components.tokenizer, prior_prompt, "class_prompt")
     for name, value in (("steps", params.steps), ("batch_size", params.batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
@@ -158,15 +188,7 @@ def run(
     vectors = identifier_vectors(components, 1, generator)
     class_latents: torch.Tensor | None = None
     if params.prior_preservation:
-        prior = class_images(
-            components,
-            inputs.get("class_images"),
-            class_prompt,
-            params.num_class_images,
-            params.class_guidance_scale,
-            params.class_steps,
-            generator,
-        )
+        prior = class_images(components, inputs.get("class_images"), class_image_requests(params)["class_images"])
         class_latents = images_to_latents(components, prior)
 
     # 3. The trainable copy (the shared model is only read)
@@ -196,7 +218,7 @@ def run(
             loss = noise_prediction_loss(unet, scheduler, instance_latents[rows], cond, generator).mean()
             if class_latents is not None:
                 rows = pick(class_latents.shape[0], params.batch_size, generator)
-                class_cond = encode_prompts(train.text_encoder, train.tokenizer, [class_prompt] * params.batch_size)
+                class_cond = encode_prompts(train.text_encoder, train.tokenizer, [prior_prompt] * params.batch_size)
                 prior_loss = noise_prediction_loss(unet, scheduler, class_latents[rows], class_cond, generator)
                 loss = loss + params.prior_loss_weight * prior_loss.mean()
             optimizer.zero_grad(set_to_none=True)
@@ -225,7 +247,7 @@ def run(
     metadata = {
         "tokens": tokens_metadata([params.token]),
         "class_word": params.class_word,
-        "class_prompt": class_prompt,
+        "class_prompt": prior_prompt,
         "prior_preservation": str(params.prior_preservation),
         "train_text_encoder": str(params.train_text_encoder),
         "steps": str(params.steps),

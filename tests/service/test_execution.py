@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
 from sqlalchemy import func, select
 
+from models.shapes.world import Scene, ShapeObject, render
+from store.adapters import get_adapter, read_adapter_file
 from store.artifacts import artifact_store
 from store.db import session_factory, session_scope
+from store.files import store_input
 from store.settings import Settings
 from store.tables import Job, StoredFile, new_id, utcnow
 from tests.conftest import make_tenant
@@ -28,6 +35,12 @@ def context(settings: Settings, cache: ModelCache, **overrides: object) -> Worke
     return WorkerContext(
         settings=current, sessions=session_factory(current.database_url), artifacts=artifact_store(current), cache=cache
     )
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def add_job(settings: Settings, tenant_id: str, kind: str, params: dict[str, object]) -> str:
@@ -110,3 +123,43 @@ def test_rerun_overwrites_outputs_instead_of_duplicating(settings: Settings, cac
         count = session.scalar(select(func.count()).select_from(StoredFile).where(StoredFile.job_id == job_id))
     assert count == 1
     assert job_row(settings, job_id).attempts == 2
+
+
+def test_class_images_are_generated_once_per_model_and_prompt(settings: Settings, cache: ModelCache) -> None:
+    """DreamBooth's prior images: the first job generates them into the artifact store's shared cache, the
+    next one reads them from there, and both train the same adapter (the cache changes nothing but time)."""
+    tenant_id, _ = make_tenant(settings)
+    ctx = context(settings, cache)
+    cached = settings.artifacts_dir / "_shared" / "class-images"
+    scenes = [Scene((ShapeObject("star", "yellow", "large", cell),)) for cell in ("center", "top left", "left")]
+    with session_scope(settings.database_url) as session:
+        ids = [
+            store_input(session, ctx.artifacts, tenant_id, png(render(s).image), "image/png", (64, 64), "upload").id
+            for s in scenes
+        ]
+    params = {
+        "images": ids,
+        "token": "<cached1>",
+        "class_word": "hexagon",
+        "class_prompt": "a small green hexagon at the bottom left",  # a prompt no other test uses
+        "steps": 2,
+        "num_class_images": 2,
+        "class_steps": 3,
+    }
+    before = set(cached.glob("*/*.png")) if cached.is_dir() else set()
+    first = add_job(settings, tenant_id, "dreambooth", params)
+    assert execute_job(ctx, first) == "succeeded"
+    generated = set(cached.glob("*/*.png")) - before
+    assert len(generated) == 2  # one folder, one PNG per class image
+    second = add_job(settings, tenant_id, "dreambooth", params)
+    assert execute_job(ctx, second) == "succeeded"
+    assert set(cached.glob("*/*.png")) - before == generated  # read back, not generated again
+
+    tensors = []
+    with session_scope(settings.database_url) as session:
+        for job_id in (first, second):
+            row = get_adapter(session, tenant_id, str(job_row(settings, job_id).result["adapter_id"]))  # type: ignore[index]
+            assert row is not None
+            tensors.append(load_safetensors(read_adapter_file(ctx.artifacts, row)))
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(torch.equal(tensors[0][key], tensors[1][key]) for key in tensors[0])
