@@ -38,6 +38,22 @@ OptionalImageRefList = Annotated[
 ]
 
 
+def check_samples(samples: list[int]) -> list[int]:
+    """A schedule's samples per stage: at most MAX_SAMPLES per class in all (a field validator's body)."""
+    if sum(samples) > MAX_SAMPLES:
+        raise ValueError(f"sums to {sum(samples)}: a class gets at most {MAX_SAMPLES} samples")
+    return samples
+
+
+def check_keep(keep: list[int], samples: list[int]) -> list[int]:
+    """A schedule's survivors per stage: one entry per stage but the last, non-increasing."""
+    if len(keep) != len(samples) - 1:
+        raise ValueError(f"one entry per stage but the last: {len(samples) - 1} for {len(samples)} stages")
+    if any(b > a for a, b in zip(keep, keep[1:], strict=False)):
+        raise ValueError(f"must be non-increasing, got {keep}")
+    return keep
+
+
 class DiffusionClassifierRequest(JobRequest):
     """Zero-shot classification by the model's denoising error under each class prompt."""
 
@@ -129,9 +145,7 @@ class DiffusionClassifierRequest(JobRequest):
     @field_validator("samples_per_stage")
     @classmethod
     def _samples(cls, samples: list[int]) -> list[int]:
-        if sum(samples) > MAX_SAMPLES:
-            raise ValueError(f"sums to {sum(samples)}: a class gets at most {MAX_SAMPLES} samples")
-        return samples
+        return check_samples(samples)
 
     @field_validator("keep_per_stage")
     @classmethod
@@ -139,10 +153,7 @@ class DiffusionClassifierRequest(JobRequest):
         samples = info.data.get("samples_per_stage")
         if samples is None:
             return keep
-        if len(keep) != len(samples) - 1:
-            raise ValueError(f"one entry per stage but the last: {len(samples) - 1} for {len(samples)} stages")
-        if any(b > a for a, b in zip(keep, keep[1:], strict=False)):
-            raise ValueError(f"must be non-increasing, got {keep}")
+        check_keep(keep, samples)
         n_classes = len(info.data.get("prompts") or info.data.get("class_names") or [])
         alive, evaluations = n_classes, 0
         for stage, n in enumerate(samples):

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from api.params.common import GuidanceScale, JobRequest, NegativePrompt, Prompt, Steps
-from api.params.diffusion_classifier import MAX_CLASSES, MAX_SAMPLES, MAX_STAGES
+from api.params.diffusion_classifier import MAX_CLASSES, MAX_SAMPLES, MAX_STAGES, check_keep, check_samples
 from api.registry import MethodSpec
 
 MAX_IMAGES_PER_CLASS = 500
@@ -98,9 +98,7 @@ class SyntheticDatasetRequest(JobRequest):
     @field_validator("pseudo_label_samples_per_stage")
     @classmethod
     def _samples(cls, samples: list[int]) -> list[int]:
-        if sum(samples) > MAX_SAMPLES:
-            raise ValueError(f"sums to {sum(samples)}: a class gets at most {MAX_SAMPLES} samples")
-        return samples
+        return check_samples(samples)
 
     @field_validator("pseudo_label_keep_per_stage")
     @classmethod
@@ -108,11 +106,7 @@ class SyntheticDatasetRequest(JobRequest):
         samples = info.data.get("pseudo_label_samples_per_stage")
         if samples is None:
             return keep
-        if len(keep) != len(samples) - 1:
-            raise ValueError(f"one entry per stage but the last: {len(samples) - 1} for {len(samples)} stages")
-        if any(b > a for a, b in zip(keep, keep[1:], strict=False)):
-            raise ValueError(f"must be non-increasing, got {keep}")
-        return keep
+        return check_keep(keep, samples)
 
 
 SPEC = MethodSpec(
