@@ -46,7 +46,6 @@ from models.personalization.dreambooth import (
     class_images,
     identifier_vectors,
     images_list,
-    pick,
 )
 from models.personalization.training import (
     PROMPT_TEMPLATES,
@@ -54,7 +53,9 @@ from models.personalization.training import (
     concept_phrase,
     images_to_latents,
     noise_prediction_loss,
+    optimizer_step,
     parameter_state,
+    pick,
     train_loop,
     training_prompts,
 )
@@ -235,10 +236,7 @@ def run(
                         components.unet, scheduler, concept.class_latents[rows], class_cond, generator
                     )
                     total = total + params.prior_loss_weight * prior.mean()
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            return float(total.detach())
+            return optimizer_step(optimizer, total)
 
         get_state, set_state = parameter_state(trainable, optimizer)
 

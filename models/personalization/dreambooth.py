@@ -43,7 +43,9 @@ from models.personalization.training import (
     concept_phrase,
     images_to_latents,
     noise_prediction_loss,
+    optimizer_step,
     parameter_state,
+    pick,
     train_loop,
     training_prompts,
 )
@@ -144,11 +146,6 @@ def class_image_requests(params: Params) -> dict[str, ClassImageRequest]:
     return {"class_images": request}
 
 
-def pick(count: int, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """`batch` indices drawn uniformly from range(count) with `generator`."""
-    return torch.randint(0, count, (batch,), generator=generator)
-
-
 def images_list(inputs: dict[str, object], name: str) -> list[Image.Image]:
     value = inputs.get(name)
     if not isinstance(value, list) or not value or not all(isinstance(im, Image.Image) for im in value):
@@ -221,10 +218,7 @@ def run(
                 class_cond = encode_prompts(train.text_encoder, train.tokenizer, [prior_prompt] * params.batch_size)
                 prior_loss = noise_prediction_loss(unet, scheduler, class_latents[rows], class_cond, generator)
                 loss = loss + params.prior_loss_weight * prior_loss.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            return float(loss.detach())
+            return optimizer_step(optimizer, loss)
 
         get_state, set_state = parameter_state(trainable, optimizer)
 

@@ -35,7 +35,9 @@ from models.personalization.training import (
     concept_phrase,
     images_to_latents,
     noise_prediction_loss,
+    optimizer_step,
     parameter_state,
+    pick,
     train_loop,
     training_prompts,
 )
@@ -177,15 +179,12 @@ def run(
         get_state, set_state = parameter_state(trainable, optimizer)
 
         def step(index: int) -> float:
-            picks = torch.randint(0, latents.shape[0], (params.batch_size,), generator=generator)
+            picks = pick(latents.shape[0], params.batch_size, generator)
             prompts = training_prompts(concept, params.batch_size, generator)
             with torch.enable_grad(), torch.autocast(components.device.type, enabled=components.dtype == torch.float16):
                 embeddings = encode_prompts(components.text_encoder, components.tokenizer, prompts)
                 loss = noise_prediction_loss(components.unet, scheduler, latents[picks], embeddings, generator).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return float(loss.detach())
+            return optimizer_step(optimizer, loss)
 
         log = train_loop(
             steps=params.steps,

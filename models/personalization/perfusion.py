@@ -45,14 +45,15 @@ from models.personalization.dreambooth import (
     check_concept,
     identifier_vectors,
     images_list,
-    pick,
 )
 from models.personalization.training import (
     PROMPT_TEMPLATES,
     added_tokens,
     images_to_latents,
     noise_prediction_loss,
+    optimizer_step,
     parameter_state,
+    pick,
     train_loop,
     training_prompts,
 )
@@ -312,10 +313,7 @@ def run(
             prompts = training_prompts(params.token, params.batch_size, generator)
             cond = encode_prompts(components.text_encoder, components.tokenizer, prompts)
             loss = noise_prediction_loss(components.unet, scheduler, latents[rows], cond, generator).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            return float(loss.detach())
+            return optimizer_step(optimizer, loss)
 
         get_state, set_state = parameter_state(trainable, optimizer)
 

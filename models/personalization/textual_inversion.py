@@ -31,7 +31,9 @@ from models.personalization.training import (
     is_known_word,
     load_optimizer_tensors,
     noise_prediction_loss,
+    optimizer_step,
     optimizer_tensors,
+    pick,
     token_vectors,
     train_loop,
     training_prompts,
@@ -115,15 +117,12 @@ def run(
     with added_tokens(components, tokens, vectors, aliases):
 
         def step(index: int) -> float:
-            picks = torch.randint(0, latents.shape[0], (params.batch_size,), generator=generator)
+            picks = pick(latents.shape[0], params.batch_size, generator)
             prompts = training_prompts(concept, params.batch_size, generator)
             with torch.enable_grad():
                 embeddings = encode_prompts(components.text_encoder, components.tokenizer, prompts)
                 loss = noise_prediction_loss(components.unet, scheduler, latents[picks], embeddings, generator).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
-            return float(loss.detach())
+            return optimizer_step(optimizer, loss)
 
         log = train_loop(
             steps=params.steps,

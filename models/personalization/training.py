@@ -241,6 +241,19 @@ class TrainingLog:
         return float(sum(self.losses[-tail:]) / tail) if self.losses else float("nan")
 
 
+def pick(count: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """`batch` indices drawn uniformly from range(count) with `generator` (the rows of one training batch)."""
+    return torch.randint(0, count, (batch,), generator=generator)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One step of `optimizer` on `loss` (gradients cleared first); returns the loss as a float for the log."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    return float(loss.detach())
+
+
 def parameter_state(
     trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
 ) -> tuple[Callable[[], dict[str, torch.Tensor]], Callable[[dict[str, torch.Tensor]], None]]:
