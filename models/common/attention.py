@@ -60,6 +60,61 @@ class AttentionController(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class AttentionInput:
+    """What the opening steps of diffusers' AttnProcessor2_0 give: the normalised (B, Q, C) hidden states, the
+    residual, the mask shaped (B, heads, Q, K), and the input's 4-D shape to restore (None for 3-D input)."""
+
+    hidden_states: torch.Tensor
+    residual: torch.Tensor
+    attention_mask: torch.Tensor | None
+    spatial_shape: tuple[int, int, int, int] | None
+
+
+def attention_input(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    temb: torch.Tensor | None,
+) -> AttentionInput:
+    """AttnProcessor2_0's steps before Q, K, V: spatial norm, (B, C, H, W) -> (B, HW, C), mask, group norm."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    spatial_shape = None
+    if hidden_states.ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        spatial_shape = (batch, channel, height, width)
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    batch, sequence_length, _ = context.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return AttentionInput(hidden_states, residual, attention_mask, spatial_shape)
+
+
+def split_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads * d) -> (B, heads, N, d)."""
+    batch = tensor.shape[0]
+    return tensor.view(batch, -1, heads, tensor.shape[-1] // heads).transpose(1, 2)
+
+
+def attention_output(attn: Any, hidden_states: torch.Tensor, prepared: AttentionInput) -> torch.Tensor:
+    """AttnProcessor2_0's steps after the attention: (B, Q, heads * d) through to_out, back to the input's shape,
+    plus the residual, over the output rescale factor."""
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if prepared.spatial_shape is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(*prepared.spatial_shape)
+    if attn.residual_connection:
+        hidden_states = hidden_states + prepared.residual
+    return hidden_states / attn.rescale_output_factor
+
+
 class ControlledAttnProcessor:
     """The stock scaled-dot-product attention (AttnProcessor2_0) with the softmax computed explicitly, so a
     controller can read and replace the maps. Where the controller needs no maps, the module's original
@@ -89,33 +144,15 @@ class ControlledAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
         # The steps of diffusers' AttnProcessor2_0, with F.scaled_dot_product_attention written out.
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
+        prepared = attention_input(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        query = attn.to_q(prepared.hidden_states)
         if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
+            encoder_hidden_states = prepared.hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, Q, d)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, K, d)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, K, d)
+        query = split_heads(query, attn.heads)  # (B, heads, Q, d)
+        key = split_heads(attn.to_k(encoder_hidden_states), attn.heads)  # (B, heads, K, d)
+        value = split_heads(attn.to_v(encoder_hidden_states), attn.heads)  # (B, heads, K, d)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -125,19 +162,12 @@ class ControlledAttnProcessor:
         upcast = attn.upcast_attention or attn.upcast_softmax
         scores = (query.float() if upcast else query) @ (key.float() if upcast else key).transpose(-1, -2)
         scores = scores * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask
+        if prepared.attention_mask is not None:
+            scores = scores + prepared.attention_mask
         probs = scores.softmax(dim=-1).to(value.dtype)  # (B, heads, Q, K)
         probs = self.controller(probs, self.layer, is_cross)
-        hidden_states = (probs @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        hidden_states = (probs @ value).transpose(1, 2).flatten(2)  # (B, Q, heads * d)
+        return attention_output(attn, hidden_states, prepared)
 
 
 @contextmanager

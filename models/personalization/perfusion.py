@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from models.common.attention import attention_input, attention_output, split_heads
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.text import check_prompt, encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
@@ -120,20 +121,8 @@ class PerfusionAttnProcessor:
         """hidden_states: (B, Q, C) or (B, C, H, W); encoder_hidden_states: (B, T, D)."""
         if encoder_hidden_states is None:
             raise ValueError("the Perfusion processor serves cross-attention layers only")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch, sequence_length, _ = encoder_hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
+        prepared = attention_input(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        query = attn.to_q(prepared.hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
@@ -148,23 +137,16 @@ class PerfusionAttnProcessor:
             key = key + gate * (key_class - key_star)
             value = value + gate * (edit.value_targets[self.layer].to(value.dtype) - value_star)
 
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = (split_heads(t, attn.heads) for t in (query, key, value))  # (B, heads, N, d)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=prepared.attention_mask, dropout_p=0.0
+        )
+        hidden_states = hidden_states.transpose(1, 2).flatten(2).to(query.dtype)  # (B, Q, heads * d)
+        return attention_output(attn, hidden_states, prepared)
 
 
 @contextmanager
