@@ -6,8 +6,12 @@ Stages, each resumable and seeded (``all`` runs the missing ones in order; ``mak
     data       render training and held-out scenes, tokenize their captions
     vae        train AutoencoderKL (--resume continues from the newest checkpoint)
     latents    cache VAE posterior means of the training scenes, set scaling_factor
-    unet       train UNet2DConditionModel + CLIPTextModel jointly (--resume)
+    text       pre-train CLIPTextModel to read every attribute the caption states (zoo/train_text.py)
+    unet       train UNet2DConditionModel, with the text encoder from scratch jointly, or from the
+               text stage (--text-init text) frozen (--text-lr-mult 0) or slowed (--text-lr-mult 0.1)
     export     write zoo/shapes-sd-tiny/ (diffusers layout, safetensors) and its README.md
+    pack       copy what a resume on a fresh machine needs into zoo/checkpoints/<--pack> (committed)
+    unpack     lay such a pack out as the run; then data, latents and unet --resume continue it
 
 Runs live in zoo/_runs/<name>/ (git-ignored). CPU by default, CUDA when present.
 """
@@ -34,13 +38,15 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
-from transformers import CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from zoo.configs import PRESETS, ZooConfig, build_text_encoder, build_unet, count_parameters, latent_size  # noqa: E402
 from zoo.data import empty_token_ids, encode_latents, load_data, render_scenes, save_data, tokenize  # noqa: E402
 from zoo.export import export_run  # noqa: E402
+from zoo.resume import pack, unpack  # noqa: E402
 from zoo.runs import run_dir  # noqa: E402
 from zoo.tokenizer import build_tokenizer  # noqa: E402
+from zoo.train_text import TextTrainParams, train_text_encoder  # noqa: E402
 from zoo.train_unet import UnetTrainParams, make_eval_batch, train_unet  # noqa: E402
 from zoo.train_vae import VaeTrainParams, train_vae  # noqa: E402
 
@@ -109,20 +115,35 @@ def stage_data(run: Path, args: argparse.Namespace) -> None:
 def stage_vae(run: Path, args: argparse.Namespace) -> None:
     """Stage 3: train the VAE and save it in diffusers format under vae/final."""
     config = ZooConfig.from_dict(read_manifest(run)["config"])
-    params = VaeTrainParams(steps=args.vae_steps, batch_size=args.vae_batch_size, seed=args.seed)
+    params = VaeTrainParams(
+        steps=args.vae_steps,
+        batch_size=args.vae_batch_size,
+        seed=args.seed,
+        lr=args.vae_lr,
+        edge_weight=args.vae_edge_weight,
+        init=args.vae_init,
+        decoder_only=args.vae_decoder_only,
+    )
+    cached = None
+    if params.decoder_only:
+        # The latents stage's cache holds exactly the init encoder's means of these images.
+        cached = torch.load(run / "latents.pt", weights_only=True)["latents"]
     vae = train_vae(
         config.vae,
         params,
         load_data(run / "data.npz").images,
         load_data(run / "eval.npz").images,
-        run / "vae",
-        run / "vae" / "metrics.jsonl",
+        run / args.vae_dir,
+        run / args.vae_dir / "metrics.jsonl",
         args.resume,
         pick_device(args.device),
+        cached,
     )
-    vae.save_pretrained(str(run / "vae" / "final"), safe_serialization=True)
+    if params.decoder_only:  # keep the scaling factor the cached latents were normalised with
+        vae.register_to_config(scaling_factor=read_manifest(run)["scaling_factor"])
+    vae.save_pretrained(str(run / args.vae_dir / "final"), safe_serialization=True)
     manifest = read_manifest(run)
-    manifest["vae"] = asdict(params)
+    manifest[args.vae_dir] = asdict(params)
     manifest["vae_params"] = count_parameters(vae)
     write_manifest(run, manifest)
 
@@ -151,6 +172,33 @@ def stage_latents(run: Path, args: argparse.Namespace) -> None:
     )
 
 
+def stage_text(run: Path, args: argparse.Namespace) -> None:
+    """Stage 5: pre-train the text encoder on the captions alone; saved under text/final."""
+    config = ZooConfig.from_dict(read_manifest(run)["config"])
+    tokenizer = CLIPTokenizer.from_pretrained(str(run / "tokenizer"))
+    train, held_out = load_data(run / "data.npz"), load_data(run / "eval.npz")
+    assert train.token_ids is not None and held_out.token_ids is not None
+    params = TextTrainParams(seed=args.seed, **({"steps": args.text_steps} if args.text_steps else {}))
+    torch.manual_seed(args.seed)
+    text_encoder = build_text_encoder(
+        config.text, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    accuracy = train_text_encoder(
+        text_encoder,
+        params,
+        train.token_ids,
+        train.captions,
+        empty_token_ids(tokenizer),
+        held_out.token_ids,
+        held_out.captions,
+        run / "metrics.jsonl",
+    )
+    text_encoder.save_pretrained(str(run / "text" / "final"), safe_serialization=True)
+    manifest = read_manifest(run)
+    manifest["text"] = {**asdict(params), "held_out_all_heads": accuracy}
+    write_manifest(run, manifest)
+
+
 def stage_unet(run: Path, args: argparse.Namespace) -> None:
     """Stage 5: train UNet + text encoder on the cached latents."""
     manifest = read_manifest(run)
@@ -172,6 +220,10 @@ def stage_unet(run: Path, args: argparse.Namespace) -> None:
     logger.info("UNet %d params, text encoder %d params", count_parameters(unet), count_parameters(text_encoder))
     chosen = {f.name: getattr(args, f.name) for f in fields(UnetTrainParams) if f.name != "seed"}
     params = UnetTrainParams(seed=args.seed, **{name: value for name, value in chosen.items() if value is not None})
+    if params.text_init:
+        # The pre-trained encoder replaces the fresh one (drawn first all the same, so the UNet's
+        # initial weights do not depend on the choice).
+        text_encoder = CLIPTextModel.from_pretrained(str(run / params.text_init / "final"))
     out_dir = run / args.unet_dir
     manifest = read_manifest(run)
     manifest[args.unet_dir] = asdict(params)
@@ -192,6 +244,18 @@ def stage_unet(run: Path, args: argparse.Namespace) -> None:
     )
 
 
+def stage_pack(run: Path, args: argparse.Namespace) -> None:
+    """Write what a resume on another machine needs into zoo/checkpoints/<--pack> (zoo/resume.py)."""
+    out = pack(run, args.unet_dir, args.pack)
+    logger.info("packed %s/%s into %s", run.name, args.unet_dir, out)
+
+
+def stage_unpack(run: Path, args: argparse.Namespace) -> None:
+    """Lay zoo/checkpoints/<--pack> out as this run; then run data, latents and unet --resume."""
+    info = unpack(args.pack, run)
+    logger.info("unpacked %s at step %d into %s/%s", args.pack, info["step"], run.name, info["unet_dir"])
+
+
 def stage_export(run: Path, args: argparse.Namespace) -> None:
     """Stage 6: write the diffusers directory and model card."""
     export_run(run, Path(args.out), args.unet_dir, use_ema=not args.no_ema)
@@ -202,8 +266,11 @@ STAGES = {
     "data": stage_data,
     "vae": stage_vae,
     "latents": stage_latents,
+    "text": stage_text,
     "unet": stage_unet,
     "export": stage_export,
+    "pack": stage_pack,
+    "unpack": stage_unpack,
 }
 
 
@@ -223,9 +290,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--vae-batch-size", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-edge-weight", type=float, default=0.0)
+    parser.add_argument("--vae-init", default="", help="VAE stage: fine-tune this AutoencoderKL folder")
+    parser.add_argument("--vae-decoder-only", action="store_true", help="VAE stage: train the decoder alone")
+    parser.add_argument("--vae-dir", default="vae", help="subdirectory of the VAE stage (A/B runs)")
+    parser.add_argument("--text-steps", type=int, default=None, help="text stage: optimizer steps")
     parser.add_argument("--stop-after", type=int, default=None, help="UNet stage: stop at this step")
     parser.add_argument("--unet-dir", default="unet", help="subdirectory of the UNet stage (A/B runs)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--pack", default="shapes-sd-v2", help="pack/unpack: name under zoo/checkpoints/")
     parser.add_argument("--no-ema", action="store_true", help="export raw instead of EMA weights")
     for field in fields(UnetTrainParams):
         if field.name != "seed":
@@ -254,8 +328,11 @@ def main(argv: list[str]) -> None:
         "data": (run / "eval.npz").exists(),
         "vae": (run / "vae" / "final").exists(),
         "latents": (run / "latents.pt").exists(),
+        "text": (run / "text" / "final").exists(),
         "unet": False,
         "export": False,
+        "pack": True,
+        "unpack": True,
     }
     args.resume = True
     for name, stage in STAGES.items():

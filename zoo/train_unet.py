@@ -30,6 +30,7 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from zoo.configs import SD15_SCHEDULER
+from zoo.resume import has_moments, reseeded
 from zoo.runs import (
     Ema,
     MetricsLog,
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 NUM_TRAIN_TIMESTEPS = SD15_SCHEDULER["num_train_timesteps"]
 EVAL_TIMESTEPS = (50, 200, 350, 500, 650, 800, 950)
+REWARM_STEPS = 100  # after a resume without AdamW moments, the learning rate ramps up again over these
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class UnetTrainParams:
     steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
-    text_lr_mult: float = 3.0
+    text_lr_mult: float = 3.0  # 0 freezes the text encoder
+    text_init: str = ""  # "" trains the text encoder from scratch; "text" starts from the text stage
     warmup: int = 200
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
@@ -229,29 +232,35 @@ def train_unet(
     # 1. Optimizer with a separate learning rate for the text encoder; EMA; random sources.
     unet.to(device).train()
     text_encoder.to(device).train()
-    trainable = [*unet.parameters(), *text_encoder.parameters()]
-    groups = [
-        {"params": list(unet.parameters()), "base_lr": params.lr},
-        {"params": list(text_encoder.parameters()), "base_lr": params.lr * params.text_lr_mult},
-    ]
+    groups = [{"params": list(unet.parameters()), "base_lr": params.lr}]
+    if params.text_lr_mult > 0:
+        groups.append({"params": list(text_encoder.parameters()), "base_lr": params.lr * params.text_lr_mult})
+    else:
+        text_encoder.requires_grad_(False)
+    trainable = [parameter for group in groups for parameter in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
     modules = {"unet": unet, "text_encoder": text_encoder}
     ema = Ema(modules, params.ema_decay)
     numpy_rng = np.random.default_rng([params.seed, 3])
     generator = torch.Generator().manual_seed(params.seed)
     alpha_bar = alphas_cumprod()
-    start_step, wall_s = 0, 0.0
+    start_step, wall_s, rewarm_from = 0, 0.0, None
 
-    # 2. Resume exactly.
+    # 2. Resume: exactly from a local checkpoint; from the weights alone after an unpacked pack
+    #    (zoo/resume.py), with fresh AdamW moments, re-seeded draws and a short learning-rate re-warmup.
     checkpoint_path = latest_checkpoint(out_dir) if resume else None
     if checkpoint_path is not None:
         state = load_checkpoint(checkpoint_path)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
         ema.shadow = state["ema"]
-        restore_rng(state["rng"], numpy_rng, generator)
         start_step, wall_s = state["step"], state["wall_s"]
+        if has_moments(state):
+            optimizer.load_state_dict(state["optimizer"])
+            restore_rng(state["rng"], numpy_rng, generator)
+        else:
+            numpy_rng, generator = reseeded(params.seed, start_step)
+            rewarm_from = start_step
         logger.info("resumed UNet from %s at step %d", checkpoint_path, start_step)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,8 +295,9 @@ def train_unet(
             alpha_bar,
         )
         loss = (per_sample * loss_weights(timesteps, alpha_bar, params.loss_weighting).to(device)).mean()
+        rewarm = 1.0 if rewarm_from is None else min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
         for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step, group["base_lr"], params.warmup, params.steps)
+            group["lr"] = rewarm * warmup_cosine_lr(step, group["base_lr"], params.warmup, params.steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
