@@ -26,7 +26,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.registry import methods
+from contract.registry import methods
 from models.common.components import MethodOutput
 from models.personalization.apply import applied
 from models.personalization.common import Adapter, read_metadata
@@ -188,14 +188,13 @@ class ArtifactCheckpoints:
 
 
 def _load_adapters(ctx: WorkerContext, session: Session, job: Job) -> list[tuple[Adapter, float]]:
-    """The job's adapters (checked again: one may have been deleted since the job was queued), via the LRU cache."""
+    """The job's adapters, via the LRU cache. The API resolved them when the job was created (each the tenant's,
+    for the job's base model); one may have been deleted since, which fails the job."""
     loaded = []
-    for index, ref in enumerate(job.params.get("adapters") or []):
+    for index, ref in enumerate(job.adapters):
         row = get_adapter(session, job.tenant_id, str(ref["id"]))
         if row is None:
             raise ValueError(f"adapters[{index}].id: adapter {ref['id']} no longer exists")
-        if row.base_model != job.model:
-            raise ValueError(f"adapters[{index}].id: adapter {row.id} is for {row.base_model}, not {job.model}")
         sha256 = str(row.files[0]["sha256"]) if row.files else ""
 
         def load(row: Any = row) -> Adapter:
@@ -212,7 +211,6 @@ def _store_adapter(ctx: WorkerContext, session: Session, job: Job, output: Metho
     adapter = output.adapter
     assert adapter is not None
     adapter.metadata["base_model"] = job.model
-    training = {key: value for key, value in job.params.items() if key != "adapters"}
     row = save_adapter(
         session,
         ctx.artifacts,
@@ -222,7 +220,7 @@ def _store_adapter(ctx: WorkerContext, session: Session, job: Job, output: Metho
         tokens=adapter.tokens,
         base_model=job.model,
         data=adapter.to_bytes(),
-        training={"kind": job.kind, **training},
+        training={"kind": job.kind, **job.params, "seed": job.seed},
         metrics=dict(output.metrics),
         job_id=job.id,
     )
@@ -276,11 +274,11 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             adapters = _load_adapters(ctx, session, job)
         params = _method_params(module.Params, job.params)
         inputs.update(_class_images(ctx, job, module, params, components))
-        generator = torch.Generator("cpu").manual_seed(int(job.params.get("seed", 0)))
+        generator = torch.Generator("cpu").manual_seed(job.seed)
         extra: dict[str, Any] = {}
         if "checkpoints" in inspect.signature(module.run).parameters:  # a resumed attempt finds the last checkpoint
             extra["checkpoints"] = ArtifactCheckpoints(ctx.artifacts, checkpoint_key(job.tenant_id, job.id))
-        if spec.extra.get("adapters_as_inputs"):  # e.g. a merge job: the method reads them, nothing is installed
+        if spec.adapters == "inputs":  # e.g. a merge job: the method reads them, nothing is installed
             inputs["adapters"], adapters = adapters, []
 
         # 3. Run it, with the job's adapters installed on the cached base model (and removed after, exactly).

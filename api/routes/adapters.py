@@ -14,7 +14,6 @@ from api.adapter_files import check_lora, check_textual_inversion
 from api.catalog import find_model
 from api.deps import ArtifactsDep, SessionDep, SettingsDep, TenantDep
 from api.errors import invalid, not_found
-from api.params.common import AdapterRef
 from store.adapters import ADAPTER_FILE, delete_adapter, get_adapter, list_adapters, read_adapter_file, save_adapter
 from store.artifacts import ArtifactNotFound
 from store.tables import Adapter
@@ -63,22 +62,6 @@ class AdapterOut(BaseModel):
 
 class AdapterPage(BaseModel):
     data: list[AdapterOut]
-
-
-def resolve_refs(session: Session, tenant_id: str, refs: list[AdapterRef], model_name: str) -> list[dict[str, Any]]:
-    """Check a job's `adapters` (each the tenant's, each for `model_name`); returns them as stored in job params."""
-    resolved = []
-    for index, ref in enumerate(refs):
-        row = get_adapter(session, tenant_id, ref.id)
-        if row is None:
-            raise invalid(f"adapters[{index}].id", f"adapter {ref.id!r} not found")
-        if row.base_model != model_name:
-            raise invalid(
-                f"adapters[{index}].id",
-                f"adapter {ref.id!r} was trained for base model {row.base_model!r}, this job runs on {model_name!r}",
-            )
-        resolved.append({"id": row.id, "scale": ref.scale, "type": row.type})
-    return resolved
 
 
 def _load(session: Session, tenant_id: str, adapter_id: str) -> Adapter:

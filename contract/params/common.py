@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
-from api.registry import IMAGE_FIELD_MARK, IMAGE_LIST_FIELD_MARK
+from contract.spec import IMAGE_FIELD_MARK, IMAGE_LIST_FIELD_MARK
 
 MAX_PROMPT_CHARS = 1000
 
