@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
@@ -14,14 +14,13 @@ from api.adapter_files import check_lora, check_textual_inversion
 from api.catalog import find_model
 from api.deps import ArtifactsDep, SessionDep, SettingsDep, TenantDep
 from api.errors import invalid, not_found
+from contract.adapters import ADAPTER_TYPES, AdapterType, ImportableAdapterType
 from store.adapters import ADAPTER_FILE, delete_adapter, get_adapter, list_adapters, read_adapter_file, save_adapter
 from store.artifacts import ArtifactNotFound
 from store.tables import Adapter
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
-ADAPTER_TYPES = ("lora", "textual-inversion", "dreambooth", "custom-diffusion", "perfusion")
-IMPORTABLE = Literal["lora", "textual-inversion"]
 
 
 class AdapterFileOut(BaseModel):
@@ -33,7 +32,7 @@ class AdapterFileOut(BaseModel):
 class AdapterOut(BaseModel):
     id: str
     name: str
-    type: str = Field(description="lora, textual-inversion, dreambooth, custom-diffusion or perfusion")
+    type: AdapterType
     tokens: list[str] = Field(description="The words that call the concept up in a prompt.")
     base_model: str = Field(description="The base model it was trained for; jobs on another model refuse it.")
     files: list[AdapterFileOut]
@@ -126,7 +125,7 @@ def remove_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep, arti
 @router.post("", status_code=201, response_model=AdapterOut)
 def import_adapter(
     file: Annotated[UploadFile, File(description="A .safetensors file (checked by content; pickles are refused).")],
-    type: Annotated[IMPORTABLE, Form(description="lora or textual-inversion")],
+    type: Annotated[ImportableAdapterType, Form(description="lora or textual-inversion")],
     tenant: TenantDep,
     session: SessionDep,
     artifacts: ArtifactsDep,
