@@ -24,6 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.params.common import ADAPTER_NAME_FIELD
 from contract.registry import methods
 from contract.spec import MethodSpec
 from models.common.components import Components, MethodOutput
@@ -213,7 +214,7 @@ def _store_adapter(ctx: WorkerContext, session: Session, job: Job, output: Metho
         session,
         ctx.artifacts,
         tenant_id=job.tenant_id,
-        name=str(job.params.get("name") or (adapter.tokens[0] if adapter.tokens else job.kind)),
+        name=str(job.params.get(ADAPTER_NAME_FIELD) or (adapter.tokens[0] if adapter.tokens else job.kind)),
         type=adapter.type,
         tokens=adapter.tokens,
         base_model=job.model,

@@ -106,6 +106,11 @@ ClassWord = Annotated[
 ]
 
 
+ADAPTER_NAME_FIELD = "name"
+"""The request field that names the adapter a job produces, in the registry: the worker reads it when it stores
+the adapter; the method never sees it."""
+
+
 class TrainingRequest(JobRequest):
     """Options every personalization training job accepts (POST /v1/trainings/{kind})."""
 
