@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from contract.jobs import JobOut
+from contract.spec import ModelCapability, Queue
 from store.tables import StoredFile
 
 
@@ -48,9 +49,9 @@ class MethodOut(BaseModel):
     kind: str
     route: str
     summary: str
-    queue: str
+    queue: Queue
     backbones: list[str]
-    requires: list[str]
+    requires: list[ModelCapability]
     paper: str
     image_fields: list[str]
     image_list_fields: list[str] = Field(description="Fields that take a list of images.")
@@ -61,6 +62,6 @@ class ModelOut(BaseModel):
     name: str
     default: bool
     pipeline: str | None
-    capabilities: list[str]
+    capabilities: list[ModelCapability]
     unet_in_channels: int | None
     sample_size: int | None = Field(description="Native image size in pixels.")

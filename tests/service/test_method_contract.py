@@ -13,7 +13,8 @@ the job's params by name. This walks every registered spec, imports its runner a
   given", matches an empty `Params` default);
 - bounds: each `Params` default passes the request field's own constraints (ranges, lengths, patterns, choices),
   as does each request default (pydantic does not check defaults);
-- the request's OpenAPI examples convert into `Params` with their values intact.
+- the request's OpenAPI examples convert into `Params` with their values intact;
+- the request refuses adapters exactly when the spec declares `adapters="none"`.
 """
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ def runner_default(field: dataclasses.Field[Any]) -> Any:
     return PydanticUndefined
 
 
+def examples(spec: MethodSpec) -> list[dict[str, Any]]:
+    """The request's OpenAPI examples (every method has one: it is the Swagger UI's sample body)."""
+    extra = spec.request.model_config.get("json_schema_extra")
+    found = extra.get("examples") if isinstance(extra, dict) else None
+    assert isinstance(found, list) and found, f"{spec.kind}: the request schema has no example"
+    assert all(isinstance(example, dict) for example in found)
+    return found  # type: ignore[return-value]
+
+
 def service_fields(spec: MethodSpec) -> set[str]:
     """Request fields the service reads itself instead of passing them to the method."""
     return {*JobRequest.model_fields, *spec.image_fields, *spec.image_list_fields, ADAPTER_NAME_FIELD}
@@ -154,17 +164,27 @@ def test_request_and_runner_params_agree(spec: MethodSpec) -> None:
 
 @pytest.mark.parametrize("spec", SPECS, ids=[spec.kind for spec in SPECS])
 def test_examples_reach_the_runner_intact(spec: MethodSpec) -> None:
-    extra = spec.request.model_config.get("json_schema_extra")
-    examples = extra.get("examples") if isinstance(extra, dict) else None
-    assert isinstance(examples, list)
-    assert examples, f"{spec.kind}: the request schema has no example"
     runner = load_runner(spec)
-    for example in examples:
-        assert isinstance(example, dict)
+    for example in examples(spec):
         values = spec.request.model_validate(example).method_params()  # type: ignore[attr-defined]
         params = method_params(runner, values)
         for name in set(example) - service_fields(spec):
             assert as_json(getattr(params, name)) == as_json(values[name]), (spec.kind, name)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[spec.kind for spec in SPECS])
+def test_the_request_takes_adapters_as_the_spec_declares(spec: MethodSpec) -> None:
+    """`adapters="none"`: the request refuses any; otherwise it takes them (a merge takes exactly two)."""
+    example = examples(spec)[0]
+    count = 2 if spec.adapters == "inputs" else 1
+    refs = [{"id": f"adp_{index:024x}"} for index in range(count)]
+    try:
+        spec.request.model_validate({**example, "adapters": refs})
+    except ValidationError as exc:
+        assert spec.adapters == "none", exc
+        assert [error["loc"] for error in exc.errors()] == [("adapters",)]
+    else:
+        assert spec.adapters != "none", f"{spec.kind} declares adapters='none' but its request takes them"
 
 
 # The checks catch what they claim to: a request and a runner that disagree in each way.
