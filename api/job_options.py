@@ -1,5 +1,9 @@
 """A job's options: what it runs with that is not the method's own parameters (the base model, the seed, the
-adapters, the callback URL). Resolved once here, when the job is created, into the job row's own fields."""
+adapters, the callback URL). Resolved once here, when the job is created, into the job row's own fields.
+
+Every method accepts them (they are `JobRequest`'s fields), none of them reaches the method's `Params`, and the
+worker reads them from the row. A new option (spatial controls, grounding boxes) is one more `JobRequest` field,
+one more column of `jobs` (with its migration), resolved here, and read by the worker's `_prepare`."""
 
 from __future__ import annotations
 

@@ -161,26 +161,9 @@ def _write_job(
 ) -> Job:
     """Store the inline images (their file ids replace the base64 in `params`) and the row, in one commit; if
     anything fails the transaction is rolled back and the stored bytes are removed again."""
-    written: list[str] = []
-    input_ids = list(images.file_ids)
+    written: list[str] = []  # artifact keys of the inline images stored so far
     try:
-        for image in images.inline:
-            checked = image.checked
-            row = store_input(
-                session,
-                artifacts,
-                tenant.id,
-                checked.data,
-                checked.content_type,
-                (checked.width, checked.height),
-                "inline",
-            )
-            written.append(row.key)
-            if image.position is None:
-                params[image.field] = row.id
-            else:
-                params[image.position[0]][image.position[1]] = row.id
-            input_ids.append(row.id)
+        inline_ids = _store_inline_images(images.inline, params, tenant.id, session, artifacts, written)
         job = Job(
             id=new_id("job"),
             tenant_id=tenant.id,
@@ -190,7 +173,7 @@ def _write_job(
             seed=options.seed,
             adapters=options.adapters,
             params=params,
-            input_file_ids=input_ids,
+            input_file_ids=images.file_ids + inline_ids,
             max_attempts=settings.job_max_attempts,
             idempotency_key=idempotency_key,
             request_hash=digest,
@@ -206,6 +189,32 @@ def _write_job(
             artifacts.delete(key)
         raise
     return job
+
+
+def _store_inline_images(
+    inline: list[InlineImage],
+    params: dict[str, Any],
+    tenant_id: str,
+    session: Session,
+    artifacts: ArtifactStore,
+    written: list[str],
+) -> list[str]:
+    """Store each inline image as an input file and put its file id where the base64 was; returns the ids.
+
+    Appends each artifact key to `written` as soon as its bytes are stored, so the caller can remove them."""
+    ids = []
+    for image in inline:
+        checked = image.checked
+        row = store_input(
+            session, artifacts, tenant_id, checked.data, checked.content_type, (checked.width, checked.height), "inline"
+        )
+        written.append(row.key)
+        if image.position is None:
+            params[image.field] = row.id
+        else:
+            params[image.position[0]][image.position[1]] = row.id
+        ids.append(row.id)
+    return ids
 
 
 def _publish(celery: Celery, session: Session, job: Job) -> None:
