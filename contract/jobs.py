@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from contract.adapters import AdapterType
 from store.tables import Job
 
 
@@ -26,9 +27,11 @@ class JobOutput(BaseModel):
 
 
 class JobAdapter(BaseModel):
+    """An adapter the job runs with (installed on the base model, or read by a merge), at a strength."""
+
     id: str
     scale: float
-    type: str
+    type: AdapterType
 
 
 class JobOut(BaseModel):
