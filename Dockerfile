@@ -11,6 +11,7 @@ RUN grep -viE '^(torch|diffusers|transformers|peft|accelerate|safetensors|tokeni
  && pip install --no-cache-dir -r requirements.api
 COPY alembic.ini ./
 COPY api ./api
+COPY contract ./contract
 COPY store ./store
 COPY worker/__init__.py worker/celery_app.py ./worker/
 COPY migrations ./migrations

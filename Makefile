@@ -19,7 +19,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy api store worker models bench
+	$(VENV)/bin/mypy api contract store worker models bench
 
 test: lint typecheck
 	$(PY) -m pytest -q

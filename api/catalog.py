@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from api.schemas import ModelOut
+from contract.spec import ModelCapability
 
 
 def _read_json(path: Path) -> dict[str, object]:
@@ -21,7 +22,7 @@ def describe(folder: Path, default_name: str) -> ModelOut:
     unet = _read_json(folder / "unet" / "config.json")
     vae = _read_json(folder / "vae" / "config.json")
     in_channels = unet.get("in_channels")
-    capabilities = ["unet"] if unet else []
+    capabilities: list[ModelCapability] = ["unet"] if unet else []
     if in_channels == 8:
         capabilities.append("instruct-pix2pix")
     elif in_channels == 4:
@@ -56,7 +57,7 @@ def find_model(models_dir: Path, name: str, default_name: str) -> ModelOut | Non
     return describe(folder, default_name) if (folder / "model_index.json").is_file() else None
 
 
-def model_for(models_dir: Path, default_name: str, requires: tuple[str, ...]) -> str:
+def model_for(models_dir: Path, default_name: str, requires: tuple[ModelCapability, ...]) -> str:
     """The model a job runs on when it names none: the default, or else the first model (default first, then by
     name) that has every capability the method requires; the default when none has them (the caller's 422)."""
     for model in list_models(models_dir, default_name):

@@ -1,10 +1,11 @@
-"""Creating a job: validate, resolve images, write the row, commit, then publish."""
+"""Creating a job: validate, resolve the options and images, write the row, commit, then publish."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
@@ -12,12 +13,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.catalog import find_model, model_for
 from api.errors import ApiError, invalid, not_found
 from api.images import CheckedImage, check_image, decode_base64
-from api.params.common import JobRequest
-from api.registry import MethodSpec
-from api.routes.adapters import resolve_refs
+from api.job_options import JobOptions, resolve_options
+from contract.params.common import JobRequest
+from contract.spec import MethodSpec
 from store.artifacts import ArtifactStore
 from store.files import get_file, store_input
 from store.jobs import mark_unpublished
@@ -26,6 +26,28 @@ from store.tables import Job, Tenant, new_id, utcnow
 from worker.celery_app import publish_job
 
 log = logging.getLogger("atelier.api")
+
+ImagePosition = tuple[str, int] | None
+"""Where an image sits in the params: None for a single-image field, (field, index) in a list field."""
+
+
+@dataclass
+class InlineImage:
+    """A base64 image of the request, checked, to be stored as an input file when the row is written."""
+
+    name: str  # the field as the client sees it: `image`, `images[2]`
+    field: str
+    position: ImagePosition
+    checked: CheckedImage
+
+
+@dataclass
+class ImageInputs:
+    """The request's images: the file ids it named (checked) and the inline images still to store."""
+
+    file_ids: list[str] = field(default_factory=list)
+    inline: list[InlineImage] = field(default_factory=list)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def request_hash(kind: str, body: dict[str, Any]) -> str:
@@ -54,115 +76,150 @@ def create_job(
     celery: Celery,
 ) -> tuple[Job, bool]:
     """Returns (job, created). Nothing is stored unless every check passes."""
-    body = request.model_dump(mode="json")
-    digest = request_hash(spec.kind, body)
+    digest = request_hash(spec.kind, request.model_dump(mode="json"))
     if idempotency_key:
         existing = _existing(session, tenant, idempotency_key, digest)
         if existing is not None:
             return existing, False
 
-    # 1. The base model must exist and be able to run this method (unnamed: the default, or one that can).
-    model_name = request.model or model_for(settings.models_dir, settings.default_model, spec.requires)
-    model = find_model(settings.models_dir, model_name, settings.default_model)
-    if model is None:
-        raise not_found("model", model_name)
-    missing = [c for c in spec.requires if c not in model.capabilities]
-    if missing:
-        raise invalid("model", f"{model_name} lacks {', '.join(missing)} needed by {spec.kind}")
-    adapters = resolve_refs(session, tenant.id, request.adapters, model_name)  # each the tenant's, for this model
-
-    # 2. Resolve image fields: existing file ids are checked; base64 is validated (stored in step 3).
+    # 1. The job's options: the base model (it must be able to run the method), the seed, the adapters.
+    options = resolve_options(spec, request, tenant.id, session, settings)
+    # 2. The images: existing file ids are checked; base64 is validated (stored in step 3).
     params: dict[str, Any] = request.method_params()
-    inline: list[tuple[str, CheckedImage]] = []  # (field name, image)
-    input_ids: list[str] = []
-    sizes: dict[str, tuple[int, int]] = {}
-    refs: list[tuple[str, tuple[str, int] | None, Any]] = [(f, None, params.get(f)) for f in spec.image_fields]
-    refs += [
-        (f"{field}[{index}]", (field, index), value)
-        for field in spec.image_list_fields
-        for index, value in enumerate(params.get(field) or [])
-    ]
-    for name, _, value in refs:
-        if value is None:
-            continue
-        if isinstance(value, str) and value.startswith("file_"):
-            row = get_file(session, tenant.id, value)
-            if row is None:
-                raise not_found("file", value)
-            if not row.content_type.startswith("image/"):
-                raise invalid(name, f"file {value} is not an image")
-            width, height = row.width or 0, row.height or 0
-            input_ids.append(value)
-        else:
-            checked = check_image(
-                decode_base64(str(value), name), settings.max_image_pixels, settings.max_image_side, name
-            )
-            width, height = checked.width, checked.height
-            inline.append((name, checked))
-        if width % 8 or height % 8:
-            raise invalid(name, f"image sides must be multiples of 8, got {width}x{height}")
-        sizes[name] = (width, height)
-    if "mask" in sizes and "image" in sizes and sizes["mask"] != sizes["image"]:
-        (mw, mh), (iw, ih) = sizes["mask"], sizes["image"]
-        raise invalid("mask", f"mask is {mw}x{mh}, the image is {iw}x{ih}: they must be the same size")
-    positions = {name: where for name, where, _ in refs}  # where an inline image's file id goes
-
-    # 3. Write inline images and the row in one transaction; undo the bytes if the commit fails.
-    written: list[str] = []
+    images = resolve_images(spec, params, tenant.id, session, settings)
+    # 3. Inline images and the row in one transaction.
     try:
-        for name, checked in inline:
-            row = store_input(
-                session,
-                artifacts,
-                tenant.id,
-                checked.data,
-                checked.content_type,
-                (checked.width, checked.height),
-                "inline",
-            )
-            written.append(row.key)
-            where = positions[name]
-            if where is None:
-                params[name] = row.id
-            else:
-                params[where[0]][where[1]] = row.id
-            input_ids.append(row.id)
-        job = Job(
-            id=new_id("job"),
-            tenant_id=tenant.id,
-            kind=spec.kind,
-            queue=spec.queue,
-            model=model_name,
-            params={**params, "seed": request.seed, **({"adapters": adapters} if adapters else {})},
-            input_file_ids=input_ids,
-            max_attempts=settings.job_max_attempts,
-            idempotency_key=idempotency_key,
-            request_hash=digest,
-            callback_url=str(request.callback_url) if request.callback_url else None,
-            published_at=utcnow(),  # optimistic: undone below if the publish fails
-            publish_count=1,
-        )
-        session.add(job)
-        session.commit()
+        job = _write_job(spec, options, params, images, tenant, idempotency_key, digest, session, artifacts, settings)
     except IntegrityError:
-        session.rollback()
-        for key in written:
-            artifacts.delete(key)
         if idempotency_key:  # a concurrent request with the same key won the race
             existing = _existing(session, tenant, idempotency_key, digest)
             if existing is not None:
                 return existing, False
         raise
+    # 4. Publish after commit; if the broker is down, the reconciler publishes it later.
+    _publish(celery, session, job)
+    return job, True
+
+
+def _image_refs(spec: MethodSpec, params: dict[str, Any]) -> list[tuple[str, str, ImagePosition, Any]]:
+    """Every image the request gives: (name as the client sees it, field, position, value)."""
+    refs: list[tuple[str, str, ImagePosition, Any]] = [(f, f, None, params.get(f)) for f in spec.image_fields]
+    refs += [
+        (f"{name}[{index}]", name, (name, index), value)
+        for name in spec.image_list_fields
+        for index, value in enumerate(params.get(name) or [])
+    ]
+    return [ref for ref in refs if ref[3] is not None]
+
+
+def resolve_images(
+    spec: MethodSpec, params: dict[str, Any], tenant_id: str, session: Session, settings: Settings
+) -> ImageInputs:
+    """Check every image of the request: a file id must be the tenant's image; base64 must decode to an image
+    within the limits; sides must be multiples of 8, and the spec's `same_size` pairs must match."""
+    images = ImageInputs()
+    for name, field_name, position, value in _image_refs(spec, params):
+        if isinstance(value, str) and value.startswith("file_"):
+            row = get_file(session, tenant_id, value)
+            if row is None:
+                raise not_found("file", value)
+            if not row.content_type.startswith("image/"):
+                raise invalid(name, f"file {value} is not an image")
+            width, height = row.width or 0, row.height or 0
+            images.file_ids.append(value)
+        else:
+            checked = check_image(
+                decode_base64(str(value), name), settings.max_image_pixels, settings.max_image_side, name
+            )
+            width, height = checked.width, checked.height
+            images.inline.append(InlineImage(name, field_name, position, checked))
+        if width % 8 or height % 8:
+            raise invalid(name, f"image sides must be multiples of 8, got {width}x{height}")
+        images.sizes[name] = (width, height)
+    _check_same_size(spec, images.sizes)
+    return images
+
+
+def _check_same_size(spec: MethodSpec, sizes: dict[str, tuple[int, int]]) -> None:
+    for name, other in spec.same_size:
+        if name in sizes and other in sizes and sizes[name] != sizes[other]:
+            (w, h), (ow, oh) = sizes[name], sizes[other]
+            raise invalid(name, f"{name} is {w}x{h}, the {other} is {ow}x{oh}: they must be the same size")
+
+
+def _write_job(
+    spec: MethodSpec,
+    options: JobOptions,
+    params: dict[str, Any],
+    images: ImageInputs,
+    tenant: Tenant,
+    idempotency_key: str | None,
+    digest: str,
+    session: Session,
+    artifacts: ArtifactStore,
+    settings: Settings,
+) -> Job:
+    """Store the inline images (their file ids replace the base64 in `params`) and the row, in one commit; if
+    anything fails the transaction is rolled back and the stored bytes are removed again."""
+    written: list[str] = []  # artifact keys of the inline images stored so far
+    try:
+        inline_ids = _store_inline_images(images.inline, params, tenant.id, session, artifacts, written)
+        job = Job(
+            id=new_id("job"),
+            tenant_id=tenant.id,
+            kind=spec.kind,
+            queue=spec.queue,
+            model=options.model,
+            seed=options.seed,
+            adapters=options.adapters,
+            params=params,
+            input_file_ids=images.file_ids + inline_ids,
+            max_attempts=settings.job_max_attempts,
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+            callback_url=options.callback_url,
+            published_at=utcnow(),  # optimistic: undone below if the publish fails
+            publish_count=1,
+        )
+        session.add(job)
+        session.commit()
     except BaseException:
         session.rollback()
         for key in written:
             artifacts.delete(key)
         raise
+    return job
 
-    # 4. Publish after commit; if the broker is down, the reconciler publishes it later.
+
+def _store_inline_images(
+    inline: list[InlineImage],
+    params: dict[str, Any],
+    tenant_id: str,
+    session: Session,
+    artifacts: ArtifactStore,
+    written: list[str],
+) -> list[str]:
+    """Store each inline image as an input file and put its file id where the base64 was; returns the ids.
+
+    Appends each artifact key to `written` as soon as its bytes are stored, so the caller can remove them."""
+    ids = []
+    for image in inline:
+        checked = image.checked
+        row = store_input(
+            session, artifacts, tenant_id, checked.data, checked.content_type, (checked.width, checked.height), "inline"
+        )
+        written.append(row.key)
+        if image.position is None:
+            params[image.field] = row.id
+        else:
+            params[image.position[0]][image.position[1]] = row.id
+        ids.append(row.id)
+    return ids
+
+
+def _publish(celery: Celery, session: Session, job: Job) -> None:
     try:
         publish_job(celery, job.id, job.queue)
     except Exception:
         log.warning("could not publish job %s now; the reconciler will", job.id, exc_info=True)
         mark_unpublished(session, job.id)
-    return job, True

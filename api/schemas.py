@@ -1,4 +1,4 @@
-"""Response schemas."""
+"""Response schemas of the API (the job view, which the worker's webhooks send too, is `contract.jobs`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from store.tables import Job, StoredFile
+from contract.jobs import JobOut
+from contract.spec import ModelCapability, Queue
+from store.tables import StoredFile
 
 
 class FileOut(BaseModel):
@@ -38,69 +40,6 @@ class FileOut(BaseModel):
         )
 
 
-class Progress(BaseModel):
-    step: int
-    total: int
-
-
-class JobError(BaseModel):
-    code: str
-    message: str | None
-
-
-class JobOutput(BaseModel):
-    file_id: str
-    url: str
-
-
-class JobOut(BaseModel):
-    id: str
-    kind: str
-    model: str
-    state: str = Field(description="queued -> running -> succeeded | failed | canceled")
-    params: dict[str, Any]
-    progress: Progress
-    attempts: int
-    max_attempts: int
-    cancel_requested: bool
-    error: JobError | None
-    outputs: list[JobOutput]
-    metrics: dict[str, Any]
-    result: dict[str, Any] | None = Field(
-        description="The method's JSON answer where it has one (a classification's ranking); null otherwise."
-    )
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    queued_seconds: float | None = Field(description="From creation to the (last) start.")
-    run_seconds: float | None = Field(description="From the (last) start to the terminal state.")
-
-    @classmethod
-    def of(cls, job: Job) -> JobOut:
-        queued = (job.started_at - job.created_at).total_seconds() if job.started_at else None
-        ran = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
-        return cls(
-            id=job.id,
-            kind=job.kind,
-            model=job.model,
-            state=job.state,
-            params=job.params,
-            progress=Progress(step=job.progress_step, total=job.progress_total),
-            attempts=job.attempts,
-            max_attempts=job.max_attempts,
-            cancel_requested=job.cancel_requested,
-            error=JobError(code=job.error_code, message=job.error_message) if job.error_code else None,
-            outputs=[JobOutput(file_id=f, url=f"/v1/files/{f}") for f in job.output_file_ids],
-            metrics=job.metrics,
-            result=job.result,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            queued_seconds=queued,
-            run_seconds=ran,
-        )
-
-
 class JobPage(BaseModel):
     data: list[JobOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")
@@ -110,9 +49,9 @@ class MethodOut(BaseModel):
     kind: str
     route: str
     summary: str
-    queue: str
+    queue: Queue
     backbones: list[str]
-    requires: list[str]
+    requires: list[ModelCapability]
     paper: str
     image_fields: list[str]
     image_list_fields: list[str] = Field(description="Fields that take a list of images.")
@@ -123,6 +62,6 @@ class ModelOut(BaseModel):
     name: str
     default: bool
     pipeline: str | None
-    capabilities: list[str]
+    capabilities: list[ModelCapability]
     unet_in_channels: int | None
     sample_size: int | None = Field(description="Native image size in pixels.")

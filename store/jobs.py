@@ -10,12 +10,16 @@ import base64
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from store.tables import TERMINAL_STATES, Job, JobState, utcnow
+
+ClaimReason = Literal["claimed", "not_found", "terminal", "held", "exhausted"]
+"""claimed: this worker runs it; not_found; terminal: it already ended; held: another worker's live lease;
+exhausted: its attempts ran out (it is failed now)."""
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class Claim:
     """What a worker learns when it tries to claim a job."""
 
     job: Job | None
-    reason: str  # claimed | not_found | terminal | held | exhausted
+    reason: ClaimReason
 
 
 def claim(session: Session, job_id: str, owner: str, lease_seconds: float) -> Claim:

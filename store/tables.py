@@ -7,7 +7,19 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Dialect, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -102,7 +114,11 @@ class Job(Base):
     queue: Mapped[str] = mapped_column(String(30))
     model: Mapped[str] = mapped_column(String(200))
     state: Mapped[str] = mapped_column(String(20), default=JobState.queued)
-    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the method's own parameters
+    # The job's options (not the method's): its base model is `model`; these are the seed of its generator and
+    # the adapters [{"id", "scale", "type"}] installed while it runs (or read, for a merge).
+    seed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    adapters: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
     input_file_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
     output_file_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
-import inspect
 import io
 import json
 import logging
@@ -17,7 +15,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
@@ -26,20 +24,26 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.registry import methods
-from models.common.components import MethodOutput
+from contract.params.common import ADAPTER_NAME_FIELD
+from contract.registry import methods
+from contract.spec import MethodSpec
+from models.common.components import Components, MethodOutput
 from models.personalization.apply import applied
 from models.personalization.common import Adapter, read_metadata
 from models.personalization.dreambooth import CLASS_IMAGES_SEED, generate_class_images
 from store.adapters import checkpoint_key, get_adapter, read_adapter_file, save_adapter
 from store.artifacts import ArtifactNotFound, ArtifactStore
 from store.files import get_file, store_output
-from store.jobs import claim, finish, heartbeat
+from store.jobs import ClaimReason, claim, finish, heartbeat
 from store.settings import Settings
 from store.tables import Job, JobState
+from worker.runners import ClassImageRunner, ResumableRunner, Runner, load_runner, method_params
 from worker.runtime import AdapterCache, ModelCache
 
 log = logging.getLogger("atelier.worker")
+
+RunOutcome = JobState | ClaimReason | Literal["lease_lost"]
+"""What `execute_job` reports: the state it wrote, why it did not run the job, or that another worker took it."""
 
 
 class JobCanceled(Exception):
@@ -139,11 +143,6 @@ def _load_inputs(
     return inputs
 
 
-def _method_params(params_cls: type, values: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(params_cls)}
-    return params_cls(**{k: v for k, v in values.items() if k in names})
-
-
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -188,14 +187,13 @@ class ArtifactCheckpoints:
 
 
 def _load_adapters(ctx: WorkerContext, session: Session, job: Job) -> list[tuple[Adapter, float]]:
-    """The job's adapters (checked again: one may have been deleted since the job was queued), via the LRU cache."""
+    """The job's adapters, via the LRU cache. The API resolved them when the job was created (each the tenant's,
+    for the job's base model); one may have been deleted since, which fails the job."""
     loaded = []
-    for index, ref in enumerate(job.params.get("adapters") or []):
+    for index, ref in enumerate(job.adapters):
         row = get_adapter(session, job.tenant_id, str(ref["id"]))
         if row is None:
             raise ValueError(f"adapters[{index}].id: adapter {ref['id']} no longer exists")
-        if row.base_model != job.model:
-            raise ValueError(f"adapters[{index}].id: adapter {row.id} is for {row.base_model}, not {job.model}")
         sha256 = str(row.files[0]["sha256"]) if row.files else ""
 
         def load(row: Any = row) -> Adapter:
@@ -212,32 +210,30 @@ def _store_adapter(ctx: WorkerContext, session: Session, job: Job, output: Metho
     adapter = output.adapter
     assert adapter is not None
     adapter.metadata["base_model"] = job.model
-    training = {key: value for key, value in job.params.items() if key != "adapters"}
     row = save_adapter(
         session,
         ctx.artifacts,
         tenant_id=job.tenant_id,
-        name=str(job.params.get("name") or (adapter.tokens[0] if adapter.tokens else job.kind)),
+        name=str(job.params.get(ADAPTER_NAME_FIELD) or (adapter.tokens[0] if adapter.tokens else job.kind)),
         type=adapter.type,
         tokens=adapter.tokens,
         base_model=job.model,
         data=adapter.to_bytes(),
-        training={"kind": job.kind, **training},
+        training={"kind": job.kind, **job.params, "seed": job.seed},
         metrics=dict(output.metrics),
         job_id=job.id,
     )
     return row.id
 
 
-def _class_images(ctx: WorkerContext, job: Job, module: Any, params: Any, components: Any) -> dict[str, Any]:
+def _class_images(
+    ctx: WorkerContext, job: Job, runner: ClassImageRunner, params: Any, components: Components
+) -> dict[str, Any]:
     """DreamBooth's prior images and Custom Diffusion's regularisation images, generated once per (base model,
     prompt, count, steps, guidance) and kept in the artifact store for every later job and tenant (they depend on
     the base model only). A model replaced on disk under the same name needs its `_shared/class-images/` cleared."""
-    requests = getattr(module, "class_image_requests", None)
-    if requests is None:
-        return {}
     found: dict[str, Any] = {}
-    for name, request in requests(params).items():
+    for name, request in runner.class_image_requests(params).items():
         description = [job.model, dataclasses.asdict(request), CLASS_IMAGES_SEED]
         digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
         keys = [f"_shared/class-images/{digest}/{index}.png" for index in range(request.count)]
@@ -250,7 +246,31 @@ def _class_images(ctx: WorkerContext, job: Job, module: Any, params: Any, compon
     return found
 
 
-def execute_job(ctx: WorkerContext, job_id: str) -> str:
+@dataclass
+class Prepared:
+    """Everything a job's method call needs, loaded before it runs."""
+
+    runner: Runner
+    components: Components
+    params: Any
+    inputs: dict[str, Any]
+    adapters: list[tuple[Adapter, float]]  # installed on the base model while the method runs
+    checkpoints: ArtifactCheckpoints | None  # where a resumable method keeps its last checkpoint
+
+
+@dataclass
+class Ending:
+    """How an attempt ended, for the terminal write."""
+
+    state: JobState
+    error_code: str = ""
+    error_message: str = ""
+    outputs: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+
+
+def execute_job(ctx: WorkerContext, job_id: str) -> RunOutcome:
     """Run the job if this worker can claim it; returns what happened (for logs and tests)."""
     # 1. Claim: a conditional update, so a duplicate message never runs a job twice.
     with ctx.sessions() as session:
@@ -262,78 +282,109 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
     spec = methods()[job.kind]
     beat = Heartbeat(ctx, job_id)
     beat.start()
-    started = time.perf_counter()
-    state, error_code, error_message = JobState.failed, "internal_error", "internal error"
-    outputs: list[str] = []
-    metrics: dict[str, Any] = {}
-    result: dict[str, Any] | None = None
     try:
-        # 2. Load the model (cached), the inputs and the method.
-        module = importlib.import_module(spec.runner)
-        components = ctx.cache.get(job.model)
-        with ctx.sessions() as session:
-            inputs = _load_inputs(ctx, session, job, spec.image_fields, spec.image_list_fields)
-            adapters = _load_adapters(ctx, session, job)
-        params = _method_params(module.Params, job.params)
-        inputs.update(_class_images(ctx, job, module, params, components))
-        generator = torch.Generator("cpu").manual_seed(int(job.params.get("seed", 0)))
-        extra: dict[str, Any] = {}
-        if "checkpoints" in inspect.signature(module.run).parameters:  # a resumed attempt finds the last checkpoint
-            extra["checkpoints"] = ArtifactCheckpoints(ctx.artifacts, checkpoint_key(job.tenant_id, job.id))
-        if spec.extra.get("adapters_as_inputs"):  # e.g. a merge job: the method reads them, nothing is installed
-            inputs["adapters"], adapters = adapters, []
-
-        # 3. Run it, with the job's adapters installed on the cached base model (and removed after, exactly).
-        reporter = StepReporter(ctx, job_id, beat)
-        method_started = time.perf_counter()
-        with applied(components, adapters):
-            output: MethodOutput = module.run(
-                components, params, inputs, generator=generator, callback=reporter, **extra
-            )
-        method_seconds = time.perf_counter() - method_started
-
-        # 4. Write outputs under deterministic keys; a trained adapter becomes a registry row (id from the job).
-        with ctx.sessions() as session:
-            outputs = _write_outputs(ctx, session, job, output)
-            if output.adapter is not None:
-                output.result = {**output.result, "adapter_id": _store_adapter(ctx, session, job, output)}
-        metrics = {
-            **output.metrics,
-            "method_seconds": round(method_seconds, 4),
-            "run_seconds": round(time.perf_counter() - started, 4),
-        }
-        result = output.result or None
-        state, error_code, error_message = JobState.succeeded, "", ""
-    except JobCanceled:
-        state, error_code, error_message = JobState.canceled, "", ""
-    except (JobTimedOut, SoftTimeLimitExceeded) as exc:
-        error_code, error_message = "timeout", str(exc) or "time limit exceeded"
-    except LeaseLost:
-        log.warning("job %s: lease lost, leaving it to its new owner", job_id)
-        return "lease_lost"
-    except ValueError as exc:
-        error_code, error_message = "invalid_input", str(exc)
-    except Exception as exc:
-        log.exception("job %s failed", job_id)
-        error_code, error_message = "internal_error", f"{type(exc).__name__}: {exc}"[:500]
+        ending = _attempt(ctx, job, spec, beat)  # 2-4: load, run, write outputs
     finally:
         beat.stop_event.set()
-
+    if ending is None:
+        log.warning("job %s: lease lost, leaving it to its new owner", job_id)
+        return "lease_lost"
     # 5. The guarded terminal write.
+    return _finish(ctx, job, spec, ending, beat.progress)
+
+
+def _attempt(ctx: WorkerContext, job: Job, spec: MethodSpec, beat: Heartbeat) -> Ending | None:
+    """Load, run and write the outputs; every failure becomes the job's error. None: the lease was lost."""
+    started = time.perf_counter()
+    try:
+        prepared = _prepare(ctx, job, spec)
+        output, method_seconds = _run_method(ctx, job, prepared, beat)
+        outputs = _store_results(ctx, job, output)
+    except JobCanceled:
+        return Ending(JobState.canceled)
+    except (JobTimedOut, SoftTimeLimitExceeded) as exc:
+        return Ending(JobState.failed, "timeout", str(exc) or "time limit exceeded")
+    except LeaseLost:
+        return None
+    except ValueError as exc:
+        return Ending(JobState.failed, "invalid_input", str(exc))
+    except Exception as exc:
+        log.exception("job %s failed", job.id)
+        return Ending(JobState.failed, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
+    metrics = {
+        **output.metrics,
+        "method_seconds": round(method_seconds, 4),
+        "run_seconds": round(time.perf_counter() - started, 4),
+    }
+    return Ending(JobState.succeeded, outputs=outputs, metrics=metrics, result=output.result or None)
+
+
+def _prepare(ctx: WorkerContext, job: Job, spec: MethodSpec) -> Prepared:
+    """2. Load the model (cached), the inputs, the adapters and the method, as the spec declares them."""
+    runner = load_runner(spec)
+    components = ctx.cache.get(job.model)
+    with ctx.sessions() as session:
+        inputs = _load_inputs(ctx, session, job, spec.image_fields, spec.image_list_fields)
+        adapters = _load_adapters(ctx, session, job)
+    params = method_params(runner, job.params)
+    if spec.class_images:
+        inputs.update(_class_images(ctx, job, cast(ClassImageRunner, runner), params, components))
+    if spec.adapters == "inputs":  # e.g. a merge job: the method reads them, nothing is installed
+        inputs["adapters"], adapters = adapters, []
+    checkpoints = None
+    if spec.resumable:  # a resumed attempt finds the last checkpoint
+        checkpoints = ArtifactCheckpoints(ctx.artifacts, checkpoint_key(job.tenant_id, job.id))
+    return Prepared(runner, components, params, inputs, adapters, checkpoints)
+
+
+def _run_method(ctx: WorkerContext, job: Job, prepared: Prepared, beat: Heartbeat) -> tuple[MethodOutput, float]:
+    """3. Run it, with the job's adapters installed on the cached base model (and removed after, exactly).
+
+    Returns the output and the seconds the method took."""
+    generator = torch.Generator("cpu").manual_seed(job.seed)
+    reporter = StepReporter(ctx, job.id, beat)
+    components, params, inputs = prepared.components, prepared.params, prepared.inputs
+    started = time.perf_counter()
+    with applied(components, prepared.adapters):
+        if prepared.checkpoints is not None:
+            resumable = cast(ResumableRunner, prepared.runner)
+            output = resumable.run(
+                components, params, inputs, generator=generator, callback=reporter, checkpoints=prepared.checkpoints
+            )
+        else:
+            output = prepared.runner.run(components, params, inputs, generator=generator, callback=reporter)
+    return output, time.perf_counter() - started
+
+
+def _store_results(ctx: WorkerContext, job: Job, output: MethodOutput) -> list[str]:
+    """4. Write outputs under deterministic keys; a trained adapter becomes a registry row (id from the job)."""
+    with ctx.sessions() as session:
+        outputs = _write_outputs(ctx, session, job, output)
+        if output.adapter is not None:
+            output.result = {**output.result, "adapter_id": _store_adapter(ctx, session, job, output)}
+    return outputs
+
+
+def _finish(
+    ctx: WorkerContext, job: Job, spec: MethodSpec, ending: Ending, progress: tuple[int, int] | None
+) -> RunOutcome:
+    """5. The terminal write, only if this worker still holds the job."""
+    succeeded = ending.state == JobState.succeeded
     with ctx.sessions() as session:
         written = finish(
             session,
-            job_id,
+            job.id,
             ctx.owner,
-            state,
-            output_file_ids=outputs if state == JobState.succeeded else None,
-            metrics=metrics if state == JobState.succeeded else None,
-            result=result,
-            error_code=error_code or None,
-            error_message=error_message or None,
-            progress=beat.progress,
+            ending.state,
+            output_file_ids=ending.outputs if succeeded else None,
+            metrics=ending.metrics if succeeded else None,
+            result=ending.result,
+            error_code=ending.error_code or None,
+            error_message=ending.error_message or None,
+            progress=progress,
         )
-    if written and state == JobState.succeeded and spec.queue == "training":
+    if written and succeeded and spec.resumable:
         ctx.artifacts.delete(checkpoint_key(job.tenant_id, job.id))  # the adapter is stored; no resume is needed
-    log.info("job %s %s%s", job_id, state, f" ({error_code})" if error_code else "")
-    return str(state) if written else "lease_lost"
+    error = f" ({ending.error_code})" if ending.error_code else ""
+    log.info("job %s %s%s", job.id, ending.state, error)
+    return ending.state if written else "lease_lost"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
@@ -11,10 +11,15 @@ from store.artifacts import artifact_store
 from store.db import session_factory
 from store.migrate import upgrade
 from store.settings import get_settings
-from store.tables import Job, utcnow
+from store.tables import TERMINAL_STATES, Job, utcnow
 from worker.celery_app import DELIVER_WEBHOOK, RUN_JOB, celery_app
 
+if TYPE_CHECKING:  # the execution module imports torch; a task module must not
+    from worker.execution import RunOutcome
+
 log = logging.getLogger("atelier.worker")
+ENDED: frozenset[RunOutcome] = frozenset({*TERMINAL_STATES, "exhausted", "terminal"})
+"""Outcomes of `execute_job` after which the job is over (by this run or before it): its webhook is due."""
 _context: Any = None
 
 
@@ -41,7 +46,7 @@ def run_job(job_id: str) -> str:
     from worker.execution import execute_job
 
     result = execute_job(context(), job_id)
-    if result in ("succeeded", "failed", "canceled", "exhausted", "terminal"):
+    if result in ENDED:
         _notify(job_id)
     return result
 

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from api.schemas import JobOut
+from contract.jobs import JobOut
 from store.tables import Job
 
 

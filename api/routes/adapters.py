@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
@@ -14,15 +14,13 @@ from api.adapter_files import check_lora, check_textual_inversion
 from api.catalog import find_model
 from api.deps import ArtifactsDep, SessionDep, SettingsDep, TenantDep
 from api.errors import invalid, not_found
-from api.params.common import AdapterRef
+from contract.adapters import ADAPTER_TYPES, AdapterType, ImportableAdapterType
 from store.adapters import ADAPTER_FILE, delete_adapter, get_adapter, list_adapters, read_adapter_file, save_adapter
 from store.artifacts import ArtifactNotFound
 from store.tables import Adapter
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
-ADAPTER_TYPES = ("lora", "textual-inversion", "dreambooth", "custom-diffusion", "perfusion")
-IMPORTABLE = Literal["lora", "textual-inversion"]
 
 
 class AdapterFileOut(BaseModel):
@@ -34,7 +32,7 @@ class AdapterFileOut(BaseModel):
 class AdapterOut(BaseModel):
     id: str
     name: str
-    type: str = Field(description="lora, textual-inversion, dreambooth, custom-diffusion or perfusion")
+    type: AdapterType
     tokens: list[str] = Field(description="The words that call the concept up in a prompt.")
     base_model: str = Field(description="The base model it was trained for; jobs on another model refuse it.")
     files: list[AdapterFileOut]
@@ -63,22 +61,6 @@ class AdapterOut(BaseModel):
 
 class AdapterPage(BaseModel):
     data: list[AdapterOut]
-
-
-def resolve_refs(session: Session, tenant_id: str, refs: list[AdapterRef], model_name: str) -> list[dict[str, Any]]:
-    """Check a job's `adapters` (each the tenant's, each for `model_name`); returns them as stored in job params."""
-    resolved = []
-    for index, ref in enumerate(refs):
-        row = get_adapter(session, tenant_id, ref.id)
-        if row is None:
-            raise invalid(f"adapters[{index}].id", f"adapter {ref.id!r} not found")
-        if row.base_model != model_name:
-            raise invalid(
-                f"adapters[{index}].id",
-                f"adapter {ref.id!r} was trained for base model {row.base_model!r}, this job runs on {model_name!r}",
-            )
-        resolved.append({"id": row.id, "scale": ref.scale, "type": row.type})
-    return resolved
 
 
 def _load(session: Session, tenant_id: str, adapter_id: str) -> Adapter:
@@ -143,7 +125,7 @@ def remove_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep, arti
 @router.post("", status_code=201, response_model=AdapterOut)
 def import_adapter(
     file: Annotated[UploadFile, File(description="A .safetensors file (checked by content; pickles are refused).")],
-    type: Annotated[IMPORTABLE, Form(description="lora or textual-inversion")],
+    type: Annotated[ImportableAdapterType, Form(description="lora or textual-inversion")],
     tenant: TenantDep,
     session: SessionDep,
     artifacts: ArtifactsDep,

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 
 from api.catalog import list_models
 from api.deps import SettingsDep, TenantDep
-from api.registry import methods
 from api.schemas import MethodOut, ModelOut
+from contract.registry import methods
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 

@@ -12,8 +12,10 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import ArtifactsDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, not_found
 from api.job_service import create_job
-from api.registry import MethodSpec, methods
-from api.schemas import JobOut, JobPage
+from api.schemas import JobPage
+from contract.jobs import JobOut
+from contract.registry import methods
+from contract.spec import MethodSpec
 from store.db import session_scope
 from store.jobs import list_jobs, request_cancel
 from store.tables import TERMINAL_STATES, Job, JobState

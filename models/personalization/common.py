@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-ADAPTER_TYPES = ("lora", "textual-inversion", "dreambooth", "custom-diffusion", "perfusion")
+from contract.adapters import ADAPTER_TYPES
+
 TYPE_MODULES = {
     "lora": "lora",
     "textual-inversion": "textual_inversion",

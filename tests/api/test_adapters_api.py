@@ -18,7 +18,7 @@ from store.adapters import save_adapter
 from store.artifacts import LocalArtifactStore
 from store.db import session_scope
 from store.settings import Settings
-from store.tables import Adapter
+from store.tables import Adapter, Job
 from tests.conftest import ZOO_MODEL
 from tests.images import b64, png_bytes
 
@@ -174,6 +174,25 @@ def test_job_adapters_are_checked(
         assert response.status_code == 422, (name, response.text)
         details = response.json()["error"]["details"]
         assert details[0]["field"] == field and message in details[0]["message"], (name, details)
+
+
+def test_a_jobs_options_are_its_own_fields(client: TestClient, settings: Settings, auth: dict[str, str]) -> None:
+    """Seed and adapters are stored in the job's own columns, not among the method's params; the job view shows
+    them as fields, and in `params` as it always did."""
+    imported = post(client, auth, ti_file(token="<opt>"), "textual-inversion").json()
+    body = {"prompt": "a <opt>", "steps": 2, "seed": 5, "adapters": [{"id": imported["id"], "scale": 0.5}]}
+    job = client.post("/v1/generations/text-to-image", json=body, headers=auth).json()
+    applied = [{"id": imported["id"], "scale": 0.5, "type": "textual-inversion"}]
+    assert (job["model"], job["seed"], job["adapters"]) == (settings.default_model, 5, applied)
+    assert job["params"] == {
+        "prompt": "a <opt>", "negative_prompt": "", "steps": 2, "guidance_scale": 7.5, "width": 64, "height": 64,
+        "num_images": 1, "seed": 5, "adapters": applied,
+    }  # fmt: skip
+    with session_scope(settings.database_url) as session:
+        row = session.get(Job, job["id"])
+        assert row is not None
+        assert (row.seed, row.adapters) == (5, applied)
+        assert "seed" not in row.params and "adapters" not in row.params
 
 
 def test_training_requests_are_checked(client: TestClient, auth: dict[str, str]) -> None:

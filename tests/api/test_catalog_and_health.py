@@ -7,7 +7,7 @@ import sys
 
 from fastapi.testclient import TestClient
 
-from api.registry import methods
+from contract.registry import methods
 from store.settings import ROOT
 
 
@@ -61,7 +61,7 @@ def test_readyz_reports_an_unreachable_broker(settings, monkeypatch) -> None:  #
 
 def test_api_never_imports_torch() -> None:
     code = (
-        "import sys, api.main, api.registry; api.main.create_app(); "
+        "import sys, api.main, contract.registry; api.main.create_app(); "
         "sys.exit('torch' in sys.modules or 'diffusers' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -35,7 +35,7 @@ def insert_job(settings: Settings, tenant_id: str, params: dict[str, Any], **val
             kind="text-to-image",
             queue="inference",
             model=settings.default_model,
-            params={"seed": 0, **params},
+            params=params,
             max_attempts=values.pop("max_attempts", 3),
             **values,
         )

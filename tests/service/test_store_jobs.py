@@ -44,7 +44,7 @@ def new_job(session: Session, tenant_id: str, **values: object) -> Job:
         kind="text-to-image",
         queue="inference",
         model="m",
-        params={"prompt": "x", "seed": 0},
+        params={"prompt": "x"},
         max_attempts=3,
         **values,
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from api.params.common import TrainingRequest
-from api.registry import MethodSpec
+from contract.params.common import TrainingRequest
+from contract.spec import MethodSpec
 
 
 class LoraRequest(TrainingRequest):
@@ -41,4 +41,6 @@ SPEC = MethodSpec(
     queue="training",
     requires=("cross-attention",),
     paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022",
+    adapters="none",
+    resumable=True,
 )

@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
-from api.params.common import MAX_PROMPT_CHARS, JobRequest
-from api.registry import IMAGE_FIELD_MARK, IMAGE_LIST_FIELD_MARK, MethodSpec
+from contract.params.common import MAX_PROMPT_CHARS, JobRequest
+from contract.spec import IMAGE_FIELD_MARK, IMAGE_LIST_FIELD_MARK, MethodSpec
 
 MAX_CLASSES = 100  # candidate classes per job
 MAX_IMAGES = 16  # images per job

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field, model_validator
 
-from api.params.common import ConceptToken, TrainingRequest
-from api.params.dreambooth import BatchSize, LearningRate, RequiredClassWord, TrainingSteps
-from api.registry import IMAGE_LIST_FIELD_MARK, MethodSpec
+from contract.params.common import ConceptToken, TrainingRequest
+from contract.params.dreambooth import BatchSize, LearningRate, RequiredClassWord, TrainingSteps
+from contract.spec import IMAGE_LIST_FIELD_MARK, MethodSpec
 
 OptionalTrainingImages = Annotated[
     list[str] | None,
@@ -80,4 +80,7 @@ SPEC = MethodSpec(
     runner="models.personalization.custom_diffusion",
     queue="training",
     paper="Kumari et al., Multi-Concept Customization of Text-to-Image Diffusion, CVPR 2023",
+    adapters="none",
+    resumable=True,
+    class_images=True,
 )

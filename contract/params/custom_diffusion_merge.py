@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field, field_validator
 
-from api.params.common import AdapterRef, JobRequest
-from api.registry import MethodSpec
+from contract.params.common import AdapterRef, JobRequest
+from contract.spec import MethodSpec
 
 
 class CustomDiffusionMergeRequest(JobRequest):
@@ -46,5 +46,5 @@ SPEC = MethodSpec(
     runner="models.personalization.custom_diffusion_merge",
     queue="training",
     paper="Kumari et al., Multi-Concept Customization of Text-to-Image Diffusion, CVPR 2023, sec. 3.2",
-    extra={"adapters_as_inputs": True},
+    adapters="inputs",
 )

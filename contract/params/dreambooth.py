@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field
 
-from api.params.common import TrainingRequest
-from api.registry import MethodSpec
+from contract.params.common import TrainingRequest
+from contract.spec import MethodSpec
 
 TrainingSteps = Annotated[int, Field(ge=1, le=20000, description="Optimisation steps.")]
 LearningRate = Annotated[float, Field(gt=0.0, le=1.0, description="AdamW learning rate.")]
@@ -70,4 +70,7 @@ SPEC = MethodSpec(
     queue="training",
     paper="Ruiz et al., DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation, "
     "CVPR 2023",
+    adapters="none",
+    resumable=True,
+    class_images=True,
 )

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field
 
-from api.params.common import MAX_PROMPT_CHARS, ImageRef, JobRequest
-from api.registry import MethodSpec
+from contract.params.common import MAX_PROMPT_CHARS, ImageRef, JobRequest
+from contract.spec import MethodSpec
 
 InversionSteps = Annotated[
     int, Field(ge=1, le=200, description="DDIM steps each way (inversion, then reconstruction); more is more exact.")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from api.params.common import TrainingRequest
-from api.registry import MethodSpec
+from contract.params.common import TrainingRequest
+from contract.spec import MethodSpec
 
 
 class TextualInversionRequest(TrainingRequest):
@@ -44,4 +44,6 @@ SPEC = MethodSpec(
     queue="training",
     paper="Gal et al., An Image is Worth One Word: Personalizing Text-to-Image Generation using Textual Inversion, "
     "ICLR 2023",
+    adapters="none",
+    resumable=True,
 )

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
-from api.registry import IMAGE_FIELD_MARK, IMAGE_LIST_FIELD_MARK
+from contract.spec import IMAGE_FIELD_MARK, IMAGE_LIST_FIELD_MARK
 
 MAX_PROMPT_CHARS = 1000
 
@@ -104,6 +104,11 @@ ClassWord = Annotated[
         description="The concept's class in the model's words (`circle`, `square`), written after the token.",
     ),
 ]
+
+
+ADAPTER_NAME_FIELD = "name"
+"""The request field that names the adapter a job produces, in the registry: the worker reads it when it stores
+the adapter; the method never sees it."""
 
 
 class TrainingRequest(JobRequest):

@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from api.params.common import GuidanceScale, JobRequest, Prompt, Steps
-from api.registry import IMAGE_FIELD_MARK, MethodSpec
+from contract.params.common import GuidanceScale, JobRequest, Prompt, Steps
+from contract.spec import IMAGE_FIELD_MARK, MethodSpec
 
 Word = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^\S+$", description="One word of a prompt.")]
 OptionalImageRef = Annotated[

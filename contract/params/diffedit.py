@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from api.params.common import MAX_PROMPT_CHARS, GuidanceScale, ImageRef, JobRequest, Prompt
-from api.params.ddim_inversion import InversionSteps
-from api.registry import MethodSpec
+from contract.params.common import MAX_PROMPT_CHARS, GuidanceScale, ImageRef, JobRequest, Prompt
+from contract.params.ddim_inversion import InversionSteps
+from contract.spec import MethodSpec
 
 
 class DiffEditRequest(JobRequest):

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field, field_validator
 
-from api.params.common import GuidanceScale, ImageRef, JobRequest, Prompt
-from api.registry import MethodSpec
+from contract.params.common import GuidanceScale, ImageRef, JobRequest, Prompt
+from contract.spec import MethodSpec
 
 MAX_ETAS = 8
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from api.params.common import GuidanceScale, ImageRef, JobRequest, Prompt, Steps
-from api.registry import MethodSpec
+from contract.params.common import GuidanceScale, ImageRef, JobRequest, Prompt, Steps
+from contract.spec import MethodSpec
 
 
 class InstructPix2PixRequest(JobRequest):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from api.params.common import TrainingRequest
-from api.params.dreambooth import BatchSize, LearningRate, RequiredClassWord, TrainingSteps
-from api.registry import MethodSpec
+from contract.params.common import TrainingRequest
+from contract.params.dreambooth import BatchSize, LearningRate, RequiredClassWord, TrainingSteps
+from contract.spec import MethodSpec
 
 
 class PerfusionRequest(TrainingRequest):
@@ -54,4 +54,6 @@ SPEC = MethodSpec(
     runner="models.personalization.perfusion",
     queue="training",
     paper="Tewel et al., Key-Locked Rank One Editing for Text-to-Image Personalization, SIGGRAPH 2023",
+    adapters="none",
+    resumable=True,
 )

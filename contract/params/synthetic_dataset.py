@@ -6,9 +6,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from api.params.common import GuidanceScale, JobRequest, NegativePrompt, Prompt, Steps
-from api.params.diffusion_classifier import MAX_CLASSES, MAX_SAMPLES, MAX_STAGES, check_keep, check_samples
-from api.registry import MethodSpec
+from contract.params.common import GuidanceScale, JobRequest, NegativePrompt, Prompt, Steps
+from contract.params.diffusion_classifier import MAX_CLASSES, MAX_SAMPLES, MAX_STAGES, check_keep, check_samples
+from contract.spec import MethodSpec
 
 MAX_IMAGES_PER_CLASS = 500
 MAX_DATASET_IMAGES = 2000

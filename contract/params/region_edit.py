@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from api.params.common import GuidanceScale, ImageRef, JobRequest, NegativePrompt, Prompt, Steps
-from api.registry import MethodSpec
+from contract.params.common import GuidanceScale, ImageRef, JobRequest, NegativePrompt, Prompt, Steps
+from contract.spec import MethodSpec
 
 
 class RegionEditRequest(JobRequest):
@@ -57,4 +57,5 @@ SPEC = MethodSpec(
     runner="models.editing.region_edit",
     paper="Li et al., Efficient Spatially Sparse Inference for Conditional GANs and Diffusion Models, NeurIPS 2022; "
     "Meng et al., SDEdit, ICLR 2022",
+    same_size=(("mask", "image"),),
 )

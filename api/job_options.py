@@ -1,0 +1,71 @@
+"""A job's options: what it runs with that is not the method's own parameters (the base model, the seed, the
+adapters, the callback URL). Resolved once here, when the job is created, into the job row's own fields.
+
+Every method accepts them (they are `JobRequest`'s fields), none of them reaches the method's `Params`, and the
+worker reads them from the row. A new option (spatial controls, grounding boxes) is one more `JobRequest` field,
+one more column of `jobs` (with its migration), resolved here, and read by the worker's `_prepare`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.catalog import find_model, model_for
+from api.errors import invalid, not_found
+from contract.params.common import AdapterRef, JobRequest
+from contract.spec import MethodSpec
+from store.adapters import get_adapter
+from store.settings import Settings
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """The resolved options, as the job row stores them."""
+
+    model: str
+    seed: int
+    adapters: list[dict[str, Any]] = field(default_factory=list)  # [{"id", "scale", "type"}], in request order
+    callback_url: str | None = None
+
+
+def resolve_model(spec: MethodSpec, name: str | None, settings: Settings) -> str:
+    """The base model must exist and be able to run this method (unnamed: the default, or one that can)."""
+    model_name = name or model_for(settings.models_dir, settings.default_model, spec.requires)
+    model = find_model(settings.models_dir, model_name, settings.default_model)
+    if model is None:
+        raise not_found("model", model_name)
+    missing = [c for c in spec.requires if c not in model.capabilities]
+    if missing:
+        raise invalid("model", f"{model_name} lacks {', '.join(missing)} needed by {spec.kind}")
+    return model_name
+
+
+def resolve_adapters(session: Session, tenant_id: str, refs: list[AdapterRef], model_name: str) -> list[dict[str, Any]]:
+    """Each adapter must be the tenant's and trained for `model_name`; returns them as the job stores them."""
+    resolved = []
+    for index, ref in enumerate(refs):
+        row = get_adapter(session, tenant_id, ref.id)
+        if row is None:
+            raise invalid(f"adapters[{index}].id", f"adapter {ref.id!r} not found")
+        if row.base_model != model_name:
+            raise invalid(
+                f"adapters[{index}].id",
+                f"adapter {ref.id!r} was trained for base model {row.base_model!r}, this job runs on {model_name!r}",
+            )
+        resolved.append({"id": row.id, "scale": ref.scale, "type": row.type})
+    return resolved
+
+
+def resolve_options(
+    spec: MethodSpec, request: JobRequest, tenant_id: str, session: Session, settings: Settings
+) -> JobOptions:
+    """The request's job options checked and resolved (a 422 or 404 names the field at fault)."""
+    model = resolve_model(spec, request.model, settings)
+    return JobOptions(
+        model=model,
+        seed=request.seed,
+        adapters=resolve_adapters(session, tenant_id, request.adapters, model),
+        callback_url=str(request.callback_url) if request.callback_url else None,
+    )
