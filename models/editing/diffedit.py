@@ -28,13 +28,14 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from models.common.checks import check_guidance, check_image, check_steps
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.inversion import ddim_invert
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
 from models.common.masks import binarize, dilate, rescale, to_image
+from models.common.progress import offset_progress
 from models.common.sampling import guided_noise
 from models.common.text import check_prompt, encode_prompts
-from models.editing.ddim_inversion import check_guidance, check_image, check_steps, offset_progress
 
 MASK_NOISE_LEVEL = 0.5  # step 1 noises the input to t = 0.5 T (sec. 3.2)
 MASK_CLIP_QUANTILE = 0.99  # "we remove extreme values": clip the difference map at this quantile

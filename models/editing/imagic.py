@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 
+from models.common.checks import check_guidance, check_image, check_steps
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
+from models.common.progress import offset_progress
 from models.common.sampling import ddim_sample
 from models.common.text import check_prompt, encode_prompts
-from models.editing.ddim_inversion import check_guidance, check_image, check_steps, offset_progress
 
 TRAIN_BATCH = 4  # noise draws (each with its own timestep) per optimisation step; one UNet pass on a batch
 MAX_ETAS = 8
