@@ -39,7 +39,7 @@ from safetensors.torch import save as save_safetensors
 from models.common.components import Components, MethodOutput, OutputFile, ProgressCallback, no_progress
 from models.common.text import check_prompt, encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
-from models.personalization.dreambooth import (
+from models.personalization.concepts import (
     TOKEN_EMBEDDINGS_KEY,
     ClassImageRequest,
     check_concept,

@@ -32,12 +32,18 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.text import check_prompt, encode_prompts
-from models.generation import text_to_image
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
+from models.personalization.concepts import (
+    TOKEN_EMBEDDINGS_KEY,
+    ClassImageRequest,
+    check_concept,
+    class_images,
+    identifier_vectors,
+    images_list,
+)
 from models.personalization.training import (
     added_tokens,
     concept_phrase,
@@ -49,9 +55,6 @@ from models.personalization.training import (
     train_loop,
     training_prompts,
 )
-
-TOKEN_EMBEDDINGS_KEY = "token_embeddings"
-"""Adapter tensor (n, D): the input embeddings of the adapter's new tokens, in the order of `Adapter.tokens`."""
 
 FROZEN_TEXT_PARAMS = ("token_embedding",)
 """Text-encoder parameters never trained: the embedding table (a dense delta of it would be V x D)."""
@@ -76,60 +79,7 @@ class Params:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pieces Custom Diffusion shares
-
-
-def check_concept(components: Components, token: str, class_word: str, field: str = "token") -> None:
-    """ValueError naming the field when the token already exists or a caption with it would be truncated."""
-    if not token or any(ch.isspace() for ch in token):
-        raise ValueError(f"{field} must be one word without spaces, got {token!r}")
-    if not class_word.strip():
-        raise ValueError(f"{field.replace('token', 'class_word')} must name the concept's class, e.g. 'circle'")
-    vocabulary = components.tokenizer.get_vocab()
-    if token in vocabulary or f"{token.lower()}</w>" in vocabulary:
-        raise ValueError(f"{field} {token!r} is already in the vocabulary; choose a new one, e.g. '<s1>'")
-    check_prompt(components.tokenizer, f"a {token} {class_word} on a light background", field)
-
-
-def identifier_vectors(components: Components, count: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` fresh token embeddings (count, D) drawn at the scale of the embedding table: per dimension the
-    table's mean plus its standard deviation times a standard normal draw from `generator`."""
-    table = components.text_encoder.get_input_embeddings().weight.detach().float().cpu()
-    noise = torch.randn((count, table.shape[1]), generator=generator)
-    return table.mean(dim=0) + table.std(dim=0) * noise
-
-
-CLASS_IMAGES_SEED = 0
-"""Class images come from their own generator with this seed, never the job's: the same (model, prompt, count,
-steps, guidance) always gives the same images, so a worker may cache them and a job with cached class images
-equals one that generated them."""
-
-
-@dataclass(frozen=True)
-class ClassImageRequest:
-    """The prior images x_pr one concept needs: `count` images of `prompt` from the frozen base model."""
-
-    prompt: str
-    count: int
-    steps: int
-    guidance_scale: float
-
-
-def generate_class_images(components: Components, request: ClassImageRequest) -> list[Image.Image]:
-    """`request.count` images the frozen base model generates for `request.prompt` (DDIM, one batch)."""
-    generator = torch.Generator("cpu").manual_seed(CLASS_IMAGES_SEED)
-    params = text_to_image.Params(
-        prompt=request.prompt, steps=request.steps, guidance_scale=request.guidance_scale, num_images=request.count
-    )
-    return text_to_image.run(components, params, generator=generator).images
-
-
-def class_images(components: Components, given: object, request: ClassImageRequest) -> list[Image.Image]:
-    """The prior images: `given` (a list of PIL images, e.g. from the worker's cache) when it holds enough,
-    otherwise generated now."""
-    if isinstance(given, list) and len(given) >= request.count and all(isinstance(im, Image.Image) for im in given):
-        return list(given[: request.count])
-    return generate_class_images(components, request)
+# Class images
 
 
 def class_prompt(params: Params) -> str:
@@ -144,13 +94,6 @@ def class_image_requests(params: Params) -> dict[str, ClassImageRequest]:
         class_prompt(params), params.num_class_images, params.class_steps, params.class_guidance_scale
     )
     return {"class_images": request}
-
-
-def images_list(inputs: dict[str, object], name: str) -> list[Image.Image]:
-    value = inputs.get(name)
-    if not isinstance(value, list) or not value or not all(isinstance(im, Image.Image) for im in value):
-        raise ValueError(f"{name} must be a non-empty list of images")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------

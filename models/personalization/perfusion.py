@@ -40,13 +40,8 @@ from models.common.attention import attention_input, attention_output, split_hea
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.text import check_prompt, encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
+from models.personalization.concepts import TOKEN_EMBEDDINGS_KEY, check_concept, identifier_vectors, images_list
 from models.personalization.custom_diffusion import cross_attention_layers, installed
-from models.personalization.dreambooth import (
-    TOKEN_EMBEDDINGS_KEY,
-    check_concept,
-    identifier_vectors,
-    images_list,
-)
 from models.personalization.training import (
     PROMPT_TEMPLATES,
     added_tokens,
