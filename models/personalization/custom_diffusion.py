@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, CustomDiffusionAttnProcessor2_0
+from PIL import Image
 from safetensors.torch import save as save_safetensors
 
 from models.common.components import Components, MethodOutput, OutputFile, ProgressCallback, no_progress
@@ -49,15 +50,16 @@ from models.personalization.concepts import (
 )
 from models.personalization.training import (
     PROMPT_TEMPLATES,
+    TrainingLog,
     added_tokens,
+    check_at_least_one,
+    class_loss,
+    concept_loss,
     concept_phrase,
     images_to_latents,
-    noise_prediction_loss,
     optimizer_step,
-    parameter_state,
-    pick,
-    train_loop,
-    training_prompts,
+    train_parameters,
+    training_metrics,
 )
 
 KEY_SUFFIX = ".to_k_custom_diffusion.weight"
@@ -161,6 +163,10 @@ def current_kv(unet: UNet2DConditionModel, name: str, attn: Attention) -> tuple[
 # Training
 
 
+ConceptSpec = tuple[str, str, str, str, str]
+"""One concept's names: (token, class word, its images' input, its class images' input, the token's field)."""
+
+
 def run(
     components: Components,
     params: Params,
@@ -173,6 +179,34 @@ def run(
     """Train W_k, W_v of every attn2 layer and the modifier token(s) on inputs["images"] (and
     inputs["second_images"] for a second concept); returns a "custom-diffusion" adapter."""
     # 1. Check inputs
+    specs = concept_specs(params, inputs)
+    images = check_inputs(components, params, inputs, specs)
+    started = time.perf_counter()
+
+    # 2. Data: latents of each concept and of its regularisation images, fresh modifier-token vectors
+    concepts = [concept_data(components, params, inputs, spec, images[spec[2]]) for spec in specs]
+    tokens = [concept.token for concept in concepts]
+    token_vectors = torch.nn.Parameter(identifier_vectors(components, len(tokens), generator).to(components.device))
+
+    # 3. Trainable K/V processors initialised at the base weights
+    processors, trainable = kv_trainables(components.unet, token_vectors)
+
+    # 4. Optimise the denoising loss of every concept plus the regularisation loss
+    log = optimise(components, params, concepts, processors, trainable, generator, callback, checkpoints)
+
+    # 5. The adapter in diffusers' layout
+    tensors = {name: parameter.detach().float().cpu().clone() for name, parameter in trainable.items()}
+    tensors.update(empty_self_attention_entries(components.unet))
+    adapter = Adapter(type="custom-diffusion", tensors=tensors, metadata=concept_metadata(concepts, params))
+    metrics = training_metrics(log, params.steps, started)
+    metrics["concepts"] = len(concepts)
+    files = {name: OutputFile(data, "application/octet-stream") for name, data in diffusers_files(adapter).items()}
+    return MethodOutput(adapter=adapter, metrics=metrics, files=files, result={"tokens": tokens})
+
+
+def concept_specs(params: Params, inputs: dict[str, object]) -> list[ConceptSpec]:
+    """The first concept's names, and the second's when `second_token` or `second_class_word` is set;
+    ValueError when the second token repeats the first or second images come without a second concept."""
     specs = [(params.token, params.class_word, "images", "class_images", "token")]
     if params.second_token or params.second_class_word:
         if params.second_token == params.token:
@@ -182,89 +216,88 @@ def run(
         )
     elif inputs.get("second_images"):
         raise ValueError("second_images needs second_token and second_class_word")
+    return specs
+
+
+def check_inputs(
+    components: Components, params: Params, inputs: dict[str, object], specs: list[ConceptSpec]
+) -> dict[str, list[Image.Image]]:
+    """Each concept's images by input name; ValueError naming the first bad token, class word, count or input."""
     for token, class_word, _, _, field in specs:
         check_concept(components, token, class_word, field)
         check_prompt(components.tokenizer, f"a {class_word}", field.replace("token", "class_word"))
-    for name, value in (("steps", params.steps), ("batch_size", params.batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    images = {images_key: images_list(inputs, images_key) for _, _, images_key, _, _ in specs}
-    started = time.perf_counter()
+    check_at_least_one(steps=params.steps, batch_size=params.batch_size)
+    return {images_key: images_list(inputs, images_key) for _, _, images_key, _, _ in specs}
 
-    # 2. Data: latents of each concept and of its regularisation images, fresh modifier-token vectors
-    concepts = []
-    for token, class_word, images_key, class_key, _ in specs:
-        class_latents = None
-        if params.regularization:
-            regular = class_images(components, inputs.get(class_key), class_image_requests(params)[class_key])
-            class_latents = images_to_latents(components, regular)
-        latents = images_to_latents(components, images[images_key], flip=params.flip)
-        concepts.append(Concept(token, class_word, latents, class_latents))
-    tokens = [concept.token for concept in concepts]
-    token_vectors = torch.nn.Parameter(identifier_vectors(components, len(tokens), generator).to(components.device))
 
-    # 3. Trainable K/V processors initialised at the base weights
-    layers = cross_attention_layers(components.unet)
+def concept_data(
+    components: Components, params: Params, inputs: dict[str, object], spec: ConceptSpec, images: list[Image.Image]
+) -> Concept:
+    """One concept's latents and, with regularisation, its class images' latents (given or generated now)."""
+    token, class_word, _, class_key, _ = spec
+    class_latents = None
+    if params.regularization:
+        regular = class_images(components, inputs.get(class_key), class_image_requests(params)[class_key])
+        class_latents = images_to_latents(components, regular)
+    latents = images_to_latents(components, images, flip=params.flip)
+    return Concept(token, class_word, latents, class_latents)
+
+
+def kv_trainables(
+    unet: UNet2DConditionModel, token_vectors: torch.nn.Parameter
+) -> tuple[dict[str, CustomDiffusionAttnProcessor2_0], dict[str, torch.nn.Parameter]]:
+    """(a K/V processor per attn2 layer initialised at the layer's own W_k, W_v; the trainable tensors by adapter
+    key: the token embeddings, then each layer's W_k and W_v)."""
+    layers = cross_attention_layers(unet)
     processors = {name: kv_processor(attn, attn.to_k.weight, attn.to_v.weight) for name, attn in layers.items()}
     trainable: dict[str, torch.nn.Parameter] = {TOKEN_EMBEDDINGS_KEY: token_vectors}
     for name, processor in processors.items():
         trainable[name + KEY_SUFFIX] = processor.to_k_custom_diffusion.weight
         trainable[name + VALUE_SUFFIX] = processor.to_v_custom_diffusion.weight
+    return processors, trainable
+
+
+def optimise(
+    components: Components,
+    params: Params,
+    concepts: list[Concept],
+    processors: dict[str, CustomDiffusionAttnProcessor2_0],
+    trainable: dict[str, torch.nn.Parameter],
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    checkpoints: Checkpoints | None,
+) -> TrainingLog:
+    """Minimise (AdamW) the sum over concepts of the instance loss plus lambda times the regularisation loss,
+    with the modifier tokens added and the K/V processors installed for the loop only."""
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=0.0)
     scheduler = components.ddim()
-
-    # 4. Optimise the denoising loss of every concept plus the regularisation loss
+    batch = params.batch_size
     with ExitStack() as stack:
-        stack.enter_context(added_tokens(components, tokens, token_vectors))
+        stack.enter_context(added_tokens(components, [c.token for c in concepts], trainable[TOKEN_EMBEDDINGS_KEY]))
         stack.enter_context(installed(components.unet, dict(processors)))
 
         def step_fn(step: int) -> float:
             total = torch.zeros((), device=components.device)
             for concept in concepts:
-                rows = pick(concept.latents.shape[0], params.batch_size, generator)
                 phrase = concept_phrase(concept.token, concept.class_word)
-                prompts = training_prompts(phrase, params.batch_size, generator)
-                cond = encode_prompts(components.text_encoder, components.tokenizer, prompts)
-                loss = noise_prediction_loss(components.unet, scheduler, concept.latents[rows], cond, generator)
+                loss = concept_loss(components, scheduler, concept.latents, phrase, batch, generator)
                 total = total + loss.mean()
                 if concept.class_latents is not None:
-                    rows = pick(concept.class_latents.shape[0], params.batch_size, generator)
-                    class_cond = encode_prompts(
-                        components.text_encoder, components.tokenizer, [f"a {concept.class_word}"] * params.batch_size
-                    )
-                    prior = noise_prediction_loss(
-                        components.unet, scheduler, concept.class_latents[rows], class_cond, generator
-                    )
+                    prompt = f"a {concept.class_word}"
+                    prior = class_loss(components, scheduler, concept.class_latents, prompt, batch, generator)
                     total = total + params.prior_loss_weight * prior.mean()
             return optimizer_step(optimizer, total)
 
-        get_state, set_state = parameter_state(trainable, optimizer)
-
-        log = train_loop(
+        return train_parameters(
+            trainable,
+            optimizer,
+            step_fn,
             steps=params.steps,
-            step_fn=step_fn,
-            get_state=get_state,
-            set_state=set_state,
+            checkpoint_every=params.checkpoint_every,
             generator=generator,
             callback=callback,
             checkpoints=checkpoints,
-            checkpoint_every=params.checkpoint_every,
         )
-
-    # 5. The adapter in diffusers' layout
-    tensors = {name: parameter.detach().float().cpu().clone() for name, parameter in trainable.items()}
-    tensors.update(empty_self_attention_entries(components.unet))
-    adapter = Adapter(type="custom-diffusion", tensors=tensors, metadata=concept_metadata(concepts, params))
-    metrics: dict[str, float | int | str] = {
-        "final_loss": round(log.final_loss, 6),
-        "steps": params.steps,
-        "seconds": round(time.perf_counter() - started, 3),
-        "train_seconds": round(log.seconds, 3),
-        "resumed_from": log.resumed_from,
-        "concepts": len(concepts),
-    }
-    files = {name: OutputFile(data, "application/octet-stream") for name, data in diffusers_files(adapter).items()}
-    return MethodOutput(adapter=adapter, metrics=metrics, files=files, result={"tokens": tokens})
 
 
 def concept_metadata(concepts: list[Concept], params: Params) -> dict[str, str]:
