@@ -32,6 +32,7 @@ from models.common.components import Components, MethodOutput, ProgressCallback,
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.training import (
     TrainingLog,
+    check_at_least_one,
     concept_loss,
     concept_phrase,
     images_to_latents,
@@ -70,8 +71,7 @@ def check_params(params: Params, images: list[Image.Image]) -> None:
         raise ValueError(f"rank must be in [1, 128], got {params.rank}")
     if params.alpha <= 0:
         raise ValueError(f"alpha must be positive, got {params.alpha}")
-    if params.steps < 1:
-        raise ValueError(f"steps must be at least 1, got {params.steps}")
+    check_at_least_one(steps=params.steps)
 
 
 def _modules(components: Components, prefix: str) -> torch.nn.Module:

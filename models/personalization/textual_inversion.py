@@ -26,6 +26,7 @@ from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.training import (
     TrainingLog,
     added_tokens,
+    check_at_least_one,
     concept_loss,
     concept_phrase,
     images_to_latents,
@@ -65,8 +66,7 @@ def check_params(components: Components, params: Params, images: list[Image.Imag
         raise ValueError(f"token must be one word, got {params.token!r}")
     if is_known_word(components.tokenizer, params.token):
         raise ValueError(f"token {params.token!r} is already a word of the model; choose a new one, e.g. '<s1>'")
-    if params.steps < 1:
-        raise ValueError(f"steps must be at least 1, got {params.steps}")
+    check_at_least_one(steps=params.steps)
     if not 1 <= params.num_vectors <= 8:
         raise ValueError(f"num_vectors must be in [1, 8], got {params.num_vectors}")
     for name in ("class_word", "init_word"):
