@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -163,8 +163,14 @@ def current_kv(unet: UNet2DConditionModel, name: str, attn: Attention) -> tuple[
 # Training
 
 
-ConceptSpec = tuple[str, str, str, str, str]
-"""One concept's names: (token, class word, its images' input, its class images' input, the token's field)."""
+class ConceptSpec(NamedTuple):
+    """One concept's names: its token and class word, and the inputs and request field they come from."""
+
+    token: str
+    class_word: str
+    images_key: str  # the input holding the concept's images
+    class_images_key: str  # the input that may hold its class images (the worker's cache)
+    field: str  # the request field of the token, for error messages
 
 
 def run(
@@ -184,7 +190,7 @@ def run(
     started = time.perf_counter()
 
     # 2. Data: latents of each concept and of its regularisation images, fresh modifier-token vectors
-    concepts = [concept_data(components, params, inputs, spec, images[spec[2]]) for spec in specs]
+    concepts = [concept_data(components, params, inputs, spec, images[spec.images_key]) for spec in specs]
     tokens = [concept.token for concept in concepts]
     token_vectors = torch.nn.Parameter(identifier_vectors(components, len(tokens), generator).to(components.device))
 
@@ -207,12 +213,14 @@ def run(
 def concept_specs(params: Params, inputs: dict[str, object]) -> list[ConceptSpec]:
     """The first concept's names, and the second's when `second_token` or `second_class_word` is set;
     ValueError when the second token repeats the first or second images come without a second concept."""
-    specs = [(params.token, params.class_word, "images", "class_images", "token")]
+    specs = [ConceptSpec(params.token, params.class_word, "images", "class_images", "token")]
     if params.second_token or params.second_class_word:
         if params.second_token == params.token:
             raise ValueError(f"second_token must differ from token, both are {params.token!r}")
         specs.append(
-            (params.second_token, params.second_class_word, "second_images", "second_class_images", "second_token")
+            ConceptSpec(
+                params.second_token, params.second_class_word, "second_images", "second_class_images", "second_token"
+            )
         )
     elif inputs.get("second_images"):
         raise ValueError("second_images needs second_token and second_class_word")
@@ -223,24 +231,24 @@ def check_inputs(
     components: Components, params: Params, inputs: dict[str, object], specs: list[ConceptSpec]
 ) -> dict[str, list[Image.Image]]:
     """Each concept's images by input name; ValueError naming the first bad token, class word, count or input."""
-    for token, class_word, _, _, field in specs:
-        check_concept(components, token, class_word, field)
-        check_prompt(components.tokenizer, f"a {class_word}", field.replace("token", "class_word"))
+    for spec in specs:
+        check_concept(components, spec.token, spec.class_word, spec.field)
+        check_prompt(components.tokenizer, f"a {spec.class_word}", spec.field.replace("token", "class_word"))
     check_at_least_one(steps=params.steps, batch_size=params.batch_size)
-    return {images_key: images_list(inputs, images_key) for _, _, images_key, _, _ in specs}
+    return {spec.images_key: images_list(inputs, spec.images_key) for spec in specs}
 
 
 def concept_data(
     components: Components, params: Params, inputs: dict[str, object], spec: ConceptSpec, images: list[Image.Image]
 ) -> Concept:
     """One concept's latents and, with regularisation, its class images' latents (given or generated now)."""
-    token, class_word, _, class_key, _ = spec
     class_latents = None
     if params.regularization:
-        regular = class_images(components, inputs.get(class_key), class_image_requests(params)[class_key])
+        request = class_image_requests(params)[spec.class_images_key]
+        regular = class_images(components, inputs.get(spec.class_images_key), request)
         class_latents = images_to_latents(components, regular)
     latents = images_to_latents(components, images, flip=params.flip)
-    return Concept(token, class_word, latents, class_latents)
+    return Concept(spec.token, spec.class_word, latents, class_latents)
 
 
 def kv_trainables(
