@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -37,6 +37,7 @@ from diffusers.models.attention_processor import Attention, CustomDiffusionAttnP
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
+from models.common.attention import cross_attention_layers, installed
 from models.common.components import Components, MethodOutput, OutputFile, ProgressCallback, no_progress
 from models.common.text import check_prompt, encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
@@ -110,17 +111,7 @@ class Concept:
 
 
 # ----------------------------------------------------------------------------------------------
-# The attn2 layers and their processors
-
-
-def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
-    """Processor name ("...attn2.processor") -> the cross-attention module, for every layer that reads the text."""
-    layers = {}
-    for name in unet.attn_processors:
-        module = unet.get_submodule(name.removesuffix(".processor"))
-        if isinstance(module, Attention) and module.is_cross_attention:
-            layers[name] = module
-    return layers
+# Custom Diffusion's processors on the attn2 layers
 
 
 def kv_processor(attn: Attention, key: torch.Tensor, value: torch.Tensor) -> CustomDiffusionAttnProcessor2_0:
@@ -134,20 +125,6 @@ def kv_processor(attn: Attention, key: torch.Tensor, value: torch.Tensor) -> Cus
         processor.to_k_custom_diffusion.weight.copy_(key)
         processor.to_v_custom_diffusion.weight.copy_(value)
     return processor
-
-
-@contextmanager
-def installed(unet: UNet2DConditionModel, processors: dict[str, Any]) -> Iterator[None]:
-    """Replace the named attention processors for the block; the original objects come back in a finally."""
-    original = dict(unet.attn_processors)
-    unknown = set(processors) - set(original)
-    if unknown:
-        raise ValueError(f"attention layers not in this model: {sorted(unknown)[:3]}")
-    unet.set_attn_processor({**original, **processors})
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(original)
 
 
 def current_kv(unet: UNet2DConditionModel, name: str, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,12 +37,11 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from PIL import Image
 
-from models.common.attention import attention_input, attention_output, split_heads
+from models.common.attention import attention_input, attention_output, cross_attention_layers, installed, split_heads
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.text import check_prompt, encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.concepts import TOKEN_EMBEDDINGS_KEY, check_concept, identifier_vectors, images_list
-from models.personalization.custom_diffusion import cross_attention_layers, installed
 from models.personalization.training import (
     PROMPT_TEMPLATES,
     TrainingLog,
