@@ -69,6 +69,11 @@ def grid(images: list[Image.Image], labels: list[str], columns: int = 8, scale: 
     return sheet
 
 
+def percent(flags: list[bool]) -> float:
+    """The share of true flags in percent (0 for none): a success rate as the results tables print it."""
+    return 100.0 * float(np.mean(flags)) if flags else 0.0
+
+
 def scenes(split: str, n: int, seed: int, n_objects: int | None) -> list[Scene]:
     rng = np.random.default_rng(seed)
     return [sample_scene(rng, split=split, n_objects=n_objects) for _ in range(n)]

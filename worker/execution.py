@@ -30,7 +30,7 @@ from contract.spec import MethodSpec
 from models.common.components import Components, MethodOutput
 from models.personalization.apply import applied
 from models.personalization.common import Adapter, read_metadata
-from models.personalization.dreambooth import CLASS_IMAGES_SEED, generate_class_images
+from models.personalization.concepts import CLASS_IMAGES_SEED, generate_class_images
 from store.adapters import checkpoint_key, get_adapter, read_adapter_file, save_adapter
 from store.artifacts import ArtifactNotFound, ArtifactStore
 from store.files import get_file, store_output

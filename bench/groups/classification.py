@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.harness import BenchContext, GroupResult, Row, grid, scenes
+from bench.harness import BenchContext, GroupResult, Row, grid, percent, scenes
 from models.classification import diffusion_classifier as dc
 from models.classification import robust
 from models.common.latents import encode, images_to_tensor
@@ -82,10 +82,6 @@ def adaptive_prediction(errors: torch.Tensor, first: int, keep: int) -> tuple[in
 def naive_prediction(errors: torch.Tensor, budget: int) -> int:
     mean = errors[:budget].mean(0)
     return min(range(errors.shape[1]), key=lambda c: (float(mean[c]), c))
-
-
-def percent(flags: list[bool]) -> float:
-    return 100.0 * float(np.mean(flags)) if flags else 0.0
 
 
 def plot(curves: dict[str, dict[str, list[tuple[float, float]]]], chance: dict[str, float]) -> Image.Image:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.groups.inversion import Edit, edit_scores, edits, percent
-from bench.harness import BenchContext, GroupResult, Row, grid
+from bench.groups.inversion import Edit, edit_scores, edits
+from bench.harness import BenchContext, GroupResult, Row, grid, percent
 from models.editing import imagic
 from models.shapes.oracle import match_objects, read_scene, scene_correct
 from models.shapes.world import caption, render

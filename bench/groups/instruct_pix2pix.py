@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.harness import ATTRIBUTES, BenchContext, GroupResult, Row, grid
+from bench.harness import ATTRIBUTES, BenchContext, GroupResult, Row, grid, percent
 from models.common.components import MethodOutput
 from models.editing import instruct_pix2pix
 from models.shapes.oracle import match_objects, read_scene
@@ -58,10 +58,6 @@ def score(triple: EditTriple, image: Image.Image) -> tuple[bool, bool]:
     for i, agreement in enumerate(agreements):
         kept = kept and all(agreement[a] for a in ATTRIBUTES if i != triple.index or a != attribute)
     return success, kept
-
-
-def percent(flags: list[bool]) -> float:
-    return 100.0 * float(np.mean(flags)) if flags else 0.0
 
 
 def edit_all(

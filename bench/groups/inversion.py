@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.harness import ATTRIBUTES, BenchContext, GroupResult, Row, grid, scenes
+from bench.harness import ATTRIBUTES, BenchContext, GroupResult, Row, grid, percent, scenes
 from models.common.components import MethodOutput
 from models.common.latents import decode, encode, images_to_tensor, tensor_to_images
 from models.editing import ddib, ddim_inversion, diffedit
@@ -95,10 +95,6 @@ def latent_grid_best(mask: np.ndarray, factor: int) -> np.ndarray:
     height, width = mask.shape
     cells = mask.reshape(height // factor, factor, width // factor, factor).mean(axis=(1, 3)) > 0.5
     return np.kron(cells, np.ones((factor, factor), dtype=bool)).astype(bool)
-
-
-def percent(flags: list[bool]) -> float:
-    return 100.0 * float(np.mean(flags)) if flags else 0.0
 
 
 def inversion_rows(ctx: BenchContext, result: GroupResult) -> None:

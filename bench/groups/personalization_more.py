@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.harness import BenchContext, GroupResult, Row, grid
+from bench.harness import BenchContext, GroupResult, Row, grid, percent
 from models.common.components import Components, MethodOutput
 from models.generation import text_to_image
 from models.personalization import custom_diffusion, dreambooth, perfusion
@@ -154,10 +154,6 @@ def generate(
 
 def found(concept: Concept, image: Image.Image) -> list[SeenObject]:
     return [obj for obj in read_scene(image).objects if concept.seen(obj)]
-
-
-def percent(flags: list[bool]) -> float:
-    return 100.0 * float(np.mean(flags)) if flags else 0.0
 
 
 @dataclasses.dataclass

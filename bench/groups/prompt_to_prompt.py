@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.harness import BenchContext, GroupResult, Row, grid, scenes
+from bench.harness import BenchContext, GroupResult, Row, grid, percent, scenes
 from models.common.latents import decode, encode, images_to_tensor, tensor_to_images
 from models.editing import prompt_to_prompt as p2p
 from models.generation import text_to_image
@@ -82,10 +82,6 @@ def color_strength(image: Image.Image, color: str, mask: np.ndarray | None = Non
 
 def monotonic(values: list[float]) -> bool:
     return all(later >= earlier for earlier, later in zip(values, values[1:], strict=False))
-
-
-def percent(flags: list[bool]) -> float:
-    return 100.0 * float(np.mean(flags)) if flags else 0.0
 
 
 def swap_params(ctx: BenchContext, swap: Swap, blend: bool) -> p2p.Params:

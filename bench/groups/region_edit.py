@@ -32,11 +32,10 @@ from PIL import Image
 from bench.harness import BenchContext, GroupResult, Row, grid, scenes
 from models.common.components import Components, MethodOutput
 from models.common.latents import encode, images_to_tensor, randn
-from models.common.sampling import guided_noise
+from models.common.sampling import guided_noise, start_timesteps
 from models.common.sparse import sparse_inference
 from models.common.text import encode_prompts
 from models.editing import region_edit
-from models.editing.sdedit import start_timesteps
 from models.shapes.oracle import read_scene
 from models.shapes.world import COLORS, Scene, caption, cell_center, render
 

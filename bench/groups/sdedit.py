@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.harness import BenchContext, GroupResult, Row, grid, scenes
+from bench.harness import BenchContext, GroupResult, Row, grid, percent, scenes
 from models.common.latents import decode, encode, images_to_tensor, tensor_to_images
 from models.editing import sdedit
 from models.shapes.oracle import SeenScene, read_scene, scene_correct
@@ -79,10 +79,6 @@ def edit_all(
 def vae_round_trip(ctx: BenchContext, images: list[Image.Image]) -> list[Image.Image]:
     with torch.no_grad():
         return tensor_to_images(decode(ctx.components.vae, encode(ctx.components.vae, images_to_tensor(images))))
-
-
-def percent(values: list[bool]) -> float:
-    return 100.0 * float(np.mean(values)) if values else 0.0
 
 
 def run(ctx: BenchContext) -> GroupResult:

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from models.common.checks import check_image
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.latents import encode, images_to_tensor, randn
 from models.common.text import check_prompt, encode_prompts
-from models.editing.ddim_inversion import check_image
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 1 / phi: the Weyl sequence's step
 WEIGHTINGS = ("uniform", "vlb")

@@ -19,6 +19,8 @@ pair, as in the paper's code; the unconditional rows keep their own maps.
 
 What is here:
 - the processor and the context manager;
+- `cross_attention_layers` (the attn2 modules, which read the text) and `installed` (some processors replaced for
+  a block, e.g. Custom Diffusion's and Perfusion's on the attn2 layers);
 - `AttentionStore`: records cross-attention maps (head-averaged) per layer, for local blend and analysis;
 - pure edits of one branch's maps (heads, Q, T): `replace_maps` (word swap, paper sec. 3.2),
   `refine_maps` (added words: aligned source maps, new tokens keep their own), `reweight_maps`
@@ -38,6 +40,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
 from transformers import CLIPTokenizer
 
 SELF_ATTENTION_MAX_POSITIONS = 16**2
@@ -176,6 +179,30 @@ def controlled_attention(unet: UNet2DConditionModel, controller: AttentionContro
     processor objects are put back afterwards, also when the block raises (a cancel, a bad input)."""
     original = dict(unet.attn_processors)
     unet.set_attn_processor({name: ControlledAttnProcessor(controller, name, proc) for name, proc in original.items()})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)
+
+
+def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
+    """Processor name ("...attn2.processor") -> the cross-attention module, for every layer that reads the text."""
+    layers = {}
+    for name in unet.attn_processors:
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        if isinstance(module, Attention) and module.is_cross_attention:
+            layers[name] = module
+    return layers
+
+
+@contextmanager
+def installed(unet: UNet2DConditionModel, processors: dict[str, Any]) -> Iterator[None]:
+    """Replace the named attention processors for the block; the original objects come back in a finally."""
+    original = dict(unet.attn_processors)
+    unknown = set(processors) - set(original)
+    if unknown:
+        raise ValueError(f"attention layers not in this model: {sorted(unknown)[:3]}")
+    unet.set_attn_processor({**original, **processors})
     try:
         yield
     finally:

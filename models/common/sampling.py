@@ -1,4 +1,5 @@
-"""Classifier-free guidance and the DDIM sampling loop (Song et al., ICLR 2021)."""
+"""Classifier-free guidance, the DDIM sampling loop (Song et al., ICLR 2021), and the schedule tail that
+SDEdit-style methods start from."""
 
 from __future__ import annotations
 
@@ -45,3 +46,10 @@ def ddim_sample(
         latents = scheduler.step(noise, timestep, latents).prev_sample
         callback(index + 1, total)
     return latents
+
+
+def start_timesteps(scheduler_timesteps: torch.Tensor, strength: float) -> torch.Tensor:
+    """The tail of the schedule that starts at t0 = strength * T (at least one step)."""
+    steps = len(scheduler_timesteps)
+    n_denoise = max(1, min(steps, round(steps * strength)))
+    return scheduler_timesteps[steps - n_denoise :]

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from models.common.checks import check_guidance, check_image, check_steps
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.latents import decode, encode, images_to_tensor, tensor_to_images
+from models.common.metrics import psnr
 from models.common.text import check_prompt, encode_prompts
-from models.editing.ddim_inversion import check_guidance, check_image, check_steps, invert_then_sample, psnr
+from models.editing.ddim_inversion import invert_then_sample
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ The output is the reconstruction; its metrics are the PSNR against the input and
 trip (the ceiling: inversion cannot beat the autoencoder), the latent error and the std of the inverted
 noise (about 1 when the inversion lands on the model's prior).
 This module also holds the shared core of DDIB (`invert_then_sample`), which is this round trip with a
-different prompt for the way back, and small helpers the inversion-based editors share.
+different prompt for the way back.
 Not implemented: null-text inversion; returning the inverted noise itself.
 """
 
@@ -20,17 +20,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
+from models.common.checks import check_guidance, check_image, check_steps
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.inversion import ddim_invert
 from models.common.latents import decode, encode, images_to_tensor, tensor_to_images
+from models.common.metrics import psnr
+from models.common.progress import offset_progress
 from models.common.sampling import ddim_sample
 from models.common.text import check_prompt, encode_prompts
-
-MAX_PSNR = 100.0  # dB, reported for identical images (JSON has no infinity)
 
 
 @dataclass(frozen=True)
@@ -38,45 +38,6 @@ class Params:
     prompt: str = ""
     steps: int = 50
     guidance_scale: float = 1.0
-
-
-def check_image(components: Components, image: Image.Image, name: str = "image") -> None:
-    """Raise ValueError unless both sides of `image` are multiples of the VAE's downsampling factor."""
-    factor = components.vae_scale
-    width, height = image.size
-    if width % factor or height % factor:
-        raise ValueError(f"{name} size must be a multiple of {factor}, got {width}x{height}")
-
-
-def check_steps(components: Components, steps: int) -> None:
-    """Raise ValueError unless 1 <= steps <= the scheduler's training timesteps."""
-    limit = int(components.scheduler_config.get("num_train_timesteps", 1000))
-    if not 1 <= steps <= limit:
-        raise ValueError(f"steps must be in [1, {limit}], got {steps}")
-
-
-def check_guidance(guidance_scale: float) -> None:
-    if guidance_scale < 1.0:
-        raise ValueError(f"guidance_scale must be >= 1, got {guidance_scale}")
-
-
-def offset_progress(callback: ProgressCallback, done: int, total: int) -> ProgressCallback:
-    """A stage's callback that reports its step k as step `done + k` of the whole job's `total`."""
-
-    def report(step: int, stage_total: int) -> None:
-        callback(done + step, total)
-
-    return report
-
-
-def psnr(reference: Image.Image, other: Image.Image) -> float:
-    """Peak signal-to-noise ratio in dB of `other` against `reference` (8-bit RGB, same size)."""
-    a = np.asarray(reference.convert("RGB"), dtype=np.float64)
-    b = np.asarray(other.convert("RGB"), dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"images must have the same size, got {reference.size} and {other.size}")
-    mse = float(np.mean((a - b) ** 2))
-    return MAX_PSNR if mse == 0 else min(MAX_PSNR, 10.0 * float(np.log10(255.0**2 / mse)))
 
 
 def invert_then_sample(

@@ -15,8 +15,10 @@ VAE round trip D(E(x)) only where the decoder's receptive field reaches across t
 
 Choices: the mask's noise predictions are conditional only (no guidance: with both predictions guided,
 eps_Q - eps_R is only scaled by w, which the rescaling removes); "extreme values removed" is a clip of
-the averaged map at its 99th percentile; the encoding uses R at guidance 1 as our METHODS.md specifies
-(the paper encodes with the unconditional model, which is R = ""). The mask lives on the latent grid; the
+the averaged map at its 99th percentile; the encoding uses R at guidance 1 (one conditional UNet pass per
+step): R describes the input, so the inversion follows the conditional ODE of the image's own caption, and
+without guidance the DDIM round trip is as exact as the step count allows (see ddim_inversion.py). The paper
+encodes with the unconditional model, which is R = "", the default. The mask lives on the latent grid; the
 returned mask image is that grid at the image's resolution.
 Not implemented: the paper's ablation variants (SDEdit-style noising instead of DDIM encoding, no mask).
 """
@@ -28,13 +30,14 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from models.common.checks import check_guidance, check_image, check_steps
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.inversion import ddim_invert
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
 from models.common.masks import binarize, dilate, rescale, to_image
+from models.common.progress import offset_progress
 from models.common.sampling import guided_noise
 from models.common.text import check_prompt, encode_prompts
-from models.editing.ddim_inversion import check_guidance, check_image, check_steps, offset_progress
 
 MASK_NOISE_LEVEL = 0.5  # step 1 noises the input to t = 0.5 T (sec. 3.2)
 MASK_CLIP_QUANTILE = 0.99  # "we remove extreme values": clip the difference map at this quantile

@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 
+from models.common.checks import check_guidance, check_image, check_steps
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
+from models.common.progress import offset_progress
 from models.common.sampling import ddim_sample
 from models.common.text import check_prompt, encode_prompts
-from models.editing.ddim_inversion import check_guidance, check_image, check_steps, offset_progress
 
 TRAIN_BATCH = 4  # noise draws (each with its own timestep) per optimisation step; one UNet pass on a batch
 MAX_ETAS = 8
@@ -203,59 +204,34 @@ def run(
     # 1. Check inputs
     image = inputs["image"]
     etas = check_params(components, params, image)
-    n_sampling = len(etas) * params.steps
-    total = params.embedding_steps + params.finetune_steps + n_sampling
+    total = params.embedding_steps + params.finetune_steps + len(etas) * params.steps
 
     # 2. Encode the target prompt, the empty prompt and the image (B=1); no gradients into the encoders
-    with torch.no_grad():
-        target, uncond = (
-            encode_prompts(components.text_encoder, components.tokenizer, [prompt])
-            for prompt in (params.target_prompt, "")
-        )
-        clean = encode(components.vae, images_to_tensor([image]))
+    target32, uncond32, clean32 = encode_inputs(components, params.target_prompt, image)
 
     # 3. The job's own UNet: a float32 copy, trained in stage B and dropped on return or on an exception
     #    (cancel), so the worker's cached model never changes
-    tuned = copy.deepcopy(components.unet)
-    if tuned.dtype != torch.float32:
-        tuned.to(dtype=torch.float32)
-    tuned.requires_grad_(False)
+    tuned = float32_copy(components.unet)
     try:
         scheduler = components.ddim()
-        clean32, target32, uncond32 = clean.float(), target.float(), uncond.float()
 
         # 4. Stage A: optimise the text embedding with the model frozen
+        progress = offset_progress(callback, 0, total)
         optimised, embedding_losses = optimise_embedding(
-            tuned,
-            scheduler,
-            clean32,
-            target32,
-            params.embedding_steps,
-            params.embedding_lr,
-            generator,
-            offset_progress(callback, 0, total),
+            tuned, scheduler, clean32, target32, params.embedding_steps, params.embedding_lr, generator, progress
         )
 
         # 5. Stage B: fine-tune the copy on e_opt
+        progress = offset_progress(callback, params.embedding_steps, total)
         finetune_losses = finetune(
-            tuned,
-            scheduler,
-            clean32,
-            optimised,
-            params.finetune_steps,
-            params.finetune_lr,
-            generator,
-            offset_progress(callback, params.embedding_steps, total),
+            tuned, scheduler, clean32, optimised, params.finetune_steps, params.finetune_lr, generator, progress
         )
 
         # 6. Stage C: interpolate and sample, every eta from the same noise
-        noise = randn(clean32.shape, generator, clean32.device, torch.float32)
         done = params.embedding_steps + params.finetune_steps
-        outputs = []
-        for index, eta in enumerate(etas):
-            embedding = interpolate(target32, optimised, eta)
-            progress = offset_progress(callback, done + index * params.steps, total)
-            outputs.append(sample(components, tuned, embedding, uncond32, noise, params, progress))
+        outputs = sample_etas(
+            components, tuned, clean32, target32, optimised, uncond32, etas, params, generator, callback, done
+        )
     finally:
         del tuned
 
@@ -270,3 +246,50 @@ def run(
         "steps": params.steps,
     }
     return MethodOutput(images=outputs, result={"etas": list(etas)}, metrics=metrics)
+
+
+@torch.no_grad()
+def encode_inputs(
+    components: Components, target_prompt: str, image: Image.Image
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e_tgt, the empty prompt's embedding (1, L, D), the image's latent z_0 (1, C, h, w)), all float32."""
+    target, uncond = (
+        encode_prompts(components.text_encoder, components.tokenizer, [prompt]) for prompt in (target_prompt, "")
+    )
+    clean = encode(components.vae, images_to_tensor([image]))
+    return target.float(), uncond.float(), clean.float()
+
+
+def float32_copy(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A float32 deep copy of `unet` with gradients off (stage B turns them on), the shared model untouched."""
+    tuned = copy.deepcopy(unet)
+    if tuned.dtype != torch.float32:
+        tuned.to(dtype=torch.float32)
+    tuned.requires_grad_(False)
+    return tuned
+
+
+def sample_etas(
+    components: Components,
+    tuned: UNet2DConditionModel,
+    clean: torch.Tensor,
+    target: torch.Tensor,
+    optimised: torch.Tensor,
+    uncond: torch.Tensor,
+    etas: tuple[float, ...],
+    params: Params,
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    done: int,
+) -> list[Image.Image]:
+    """Stage C: one image per eta from the fine-tuned `tuned` and e = interpolate(e_tgt, e_opt, eta), every eta
+    from the same noise (the shape of `clean`, drawn from `generator`); progress continues after the `done`
+    training steps."""
+    noise = randn(clean.shape, generator, clean.device, torch.float32)
+    total = done + len(etas) * params.steps
+    outputs = []
+    for index, eta in enumerate(etas):
+        embedding = interpolate(target, optimised, eta)
+        progress = offset_progress(callback, done + index * params.steps, total)
+        outputs.append(sample(components, tuned, embedding, uncond, noise, params, progress))
+    return outputs

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from models.common.checks import check_image, check_steps
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.latents import decode, images_to_tensor, randn, tensor_to_images
 from models.common.text import check_prompt, encode_prompts
-from models.editing.ddim_inversion import check_image, check_steps
 
 
 @dataclass(frozen=True)

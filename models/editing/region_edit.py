@@ -34,10 +34,9 @@ from PIL import Image
 
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
-from models.common.sampling import guided_noise
+from models.common.sampling import guided_noise, start_timesteps
 from models.common.sparse import sparse_inference
 from models.common.text import check_prompt, encode_prompts
-from models.editing.sdedit import start_timesteps
 
 
 @dataclass(frozen=True)

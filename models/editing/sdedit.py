@@ -18,7 +18,7 @@ from PIL import Image
 
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
-from models.common.sampling import ddim_sample
+from models.common.sampling import ddim_sample, start_timesteps
 from models.common.text import check_prompt, encode_prompts
 
 
@@ -29,13 +29,6 @@ class Params:
     steps: int = 25
     guidance_scale: float = 7.5
     negative_prompt: str = ""
-
-
-def start_timesteps(scheduler_timesteps: torch.Tensor, strength: float) -> torch.Tensor:
-    """The tail of the schedule that starts at t0 = strength * T (at least one step)."""
-    steps = len(scheduler_timesteps)
-    n_denoise = max(1, min(steps, round(steps * strength)))
-    return scheduler_timesteps[steps - n_denoise :]
 
 
 @torch.no_grad()

@@ -29,17 +29,19 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, CustomDiffusionAttnProcessor2_0
+from PIL import Image
 from safetensors.torch import save as save_safetensors
 
+from models.common.attention import cross_attention_layers, installed
 from models.common.components import Components, MethodOutput, OutputFile, ProgressCallback, no_progress
 from models.common.text import check_prompt, encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
-from models.personalization.dreambooth import (
+from models.personalization.concepts import (
     TOKEN_EMBEDDINGS_KEY,
     ClassImageRequest,
     check_concept,
@@ -49,15 +51,16 @@ from models.personalization.dreambooth import (
 )
 from models.personalization.training import (
     PROMPT_TEMPLATES,
+    TrainingLog,
     added_tokens,
+    check_at_least_one,
+    class_loss,
+    concept_loss,
     concept_phrase,
     images_to_latents,
-    noise_prediction_loss,
     optimizer_step,
-    parameter_state,
-    pick,
-    train_loop,
-    training_prompts,
+    train_parameters,
+    training_metrics,
 )
 
 KEY_SUFFIX = ".to_k_custom_diffusion.weight"
@@ -108,17 +111,7 @@ class Concept:
 
 
 # ----------------------------------------------------------------------------------------------
-# The attn2 layers and their processors
-
-
-def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
-    """Processor name ("...attn2.processor") -> the cross-attention module, for every layer that reads the text."""
-    layers = {}
-    for name in unet.attn_processors:
-        module = unet.get_submodule(name.removesuffix(".processor"))
-        if isinstance(module, Attention) and module.is_cross_attention:
-            layers[name] = module
-    return layers
+# Custom Diffusion's processors on the attn2 layers
 
 
 def kv_processor(attn: Attention, key: torch.Tensor, value: torch.Tensor) -> CustomDiffusionAttnProcessor2_0:
@@ -134,20 +127,6 @@ def kv_processor(attn: Attention, key: torch.Tensor, value: torch.Tensor) -> Cus
     return processor
 
 
-@contextmanager
-def installed(unet: UNet2DConditionModel, processors: dict[str, Any]) -> Iterator[None]:
-    """Replace the named attention processors for the block; the original objects come back in a finally."""
-    original = dict(unet.attn_processors)
-    unknown = set(processors) - set(original)
-    if unknown:
-        raise ValueError(f"attention layers not in this model: {sorted(unknown)[:3]}")
-    unet.set_attn_processor({**original, **processors})
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(original)
-
-
 def current_kv(unet: UNet2DConditionModel, name: str, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
     """W_k, W_v in effect now at a layer: an installed Custom Diffusion processor's (an outer adapter), else the
     module's own."""
@@ -159,6 +138,16 @@ def current_kv(unet: UNet2DConditionModel, name: str, attn: Attention) -> tuple[
 
 # ----------------------------------------------------------------------------------------------
 # Training
+
+
+class ConceptSpec(NamedTuple):
+    """One concept's names: its token and class word, and the inputs and request field they come from."""
+
+    token: str
+    class_word: str
+    images_key: str  # the input holding the concept's images
+    class_images_key: str  # the input that may hold its class images (the worker's cache)
+    field: str  # the request field of the token, for error messages
 
 
 def run(
@@ -173,98 +162,127 @@ def run(
     """Train W_k, W_v of every attn2 layer and the modifier token(s) on inputs["images"] (and
     inputs["second_images"] for a second concept); returns a "custom-diffusion" adapter."""
     # 1. Check inputs
-    specs = [(params.token, params.class_word, "images", "class_images", "token")]
-    if params.second_token or params.second_class_word:
-        if params.second_token == params.token:
-            raise ValueError(f"second_token must differ from token, both are {params.token!r}")
-        specs.append(
-            (params.second_token, params.second_class_word, "second_images", "second_class_images", "second_token")
-        )
-    elif inputs.get("second_images"):
-        raise ValueError("second_images needs second_token and second_class_word")
-    for token, class_word, _, _, field in specs:
-        check_concept(components, token, class_word, field)
-        check_prompt(components.tokenizer, f"a {class_word}", field.replace("token", "class_word"))
-    for name, value in (("steps", params.steps), ("batch_size", params.batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    images = {images_key: images_list(inputs, images_key) for _, _, images_key, _, _ in specs}
+    specs = concept_specs(params, inputs)
+    images = check_inputs(components, params, inputs, specs)
     started = time.perf_counter()
 
     # 2. Data: latents of each concept and of its regularisation images, fresh modifier-token vectors
-    concepts = []
-    for token, class_word, images_key, class_key, _ in specs:
-        class_latents = None
-        if params.regularization:
-            regular = class_images(components, inputs.get(class_key), class_image_requests(params)[class_key])
-            class_latents = images_to_latents(components, regular)
-        latents = images_to_latents(components, images[images_key], flip=params.flip)
-        concepts.append(Concept(token, class_word, latents, class_latents))
+    concepts = [concept_data(components, params, inputs, spec, images[spec.images_key]) for spec in specs]
     tokens = [concept.token for concept in concepts]
     token_vectors = torch.nn.Parameter(identifier_vectors(components, len(tokens), generator).to(components.device))
 
     # 3. Trainable K/V processors initialised at the base weights
-    layers = cross_attention_layers(components.unet)
-    processors = {name: kv_processor(attn, attn.to_k.weight, attn.to_v.weight) for name, attn in layers.items()}
-    trainable: dict[str, torch.nn.Parameter] = {TOKEN_EMBEDDINGS_KEY: token_vectors}
-    for name, processor in processors.items():
-        trainable[name + KEY_SUFFIX] = processor.to_k_custom_diffusion.weight
-        trainable[name + VALUE_SUFFIX] = processor.to_v_custom_diffusion.weight
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=0.0)
-    scheduler = components.ddim()
+    processors, trainable = kv_trainables(components.unet, token_vectors)
 
     # 4. Optimise the denoising loss of every concept plus the regularisation loss
-    with ExitStack() as stack:
-        stack.enter_context(added_tokens(components, tokens, token_vectors))
-        stack.enter_context(installed(components.unet, dict(processors)))
-
-        def step_fn(step: int) -> float:
-            total = torch.zeros((), device=components.device)
-            for concept in concepts:
-                rows = pick(concept.latents.shape[0], params.batch_size, generator)
-                phrase = concept_phrase(concept.token, concept.class_word)
-                prompts = training_prompts(phrase, params.batch_size, generator)
-                cond = encode_prompts(components.text_encoder, components.tokenizer, prompts)
-                loss = noise_prediction_loss(components.unet, scheduler, concept.latents[rows], cond, generator)
-                total = total + loss.mean()
-                if concept.class_latents is not None:
-                    rows = pick(concept.class_latents.shape[0], params.batch_size, generator)
-                    class_cond = encode_prompts(
-                        components.text_encoder, components.tokenizer, [f"a {concept.class_word}"] * params.batch_size
-                    )
-                    prior = noise_prediction_loss(
-                        components.unet, scheduler, concept.class_latents[rows], class_cond, generator
-                    )
-                    total = total + params.prior_loss_weight * prior.mean()
-            return optimizer_step(optimizer, total)
-
-        get_state, set_state = parameter_state(trainable, optimizer)
-
-        log = train_loop(
-            steps=params.steps,
-            step_fn=step_fn,
-            get_state=get_state,
-            set_state=set_state,
-            generator=generator,
-            callback=callback,
-            checkpoints=checkpoints,
-            checkpoint_every=params.checkpoint_every,
-        )
+    log = optimise(components, params, concepts, processors, trainable, generator, callback, checkpoints)
 
     # 5. The adapter in diffusers' layout
     tensors = {name: parameter.detach().float().cpu().clone() for name, parameter in trainable.items()}
     tensors.update(empty_self_attention_entries(components.unet))
     adapter = Adapter(type="custom-diffusion", tensors=tensors, metadata=concept_metadata(concepts, params))
-    metrics: dict[str, float | int | str] = {
-        "final_loss": round(log.final_loss, 6),
-        "steps": params.steps,
-        "seconds": round(time.perf_counter() - started, 3),
-        "train_seconds": round(log.seconds, 3),
-        "resumed_from": log.resumed_from,
-        "concepts": len(concepts),
-    }
+    metrics = training_metrics(log, params.steps, started)
+    metrics["concepts"] = len(concepts)
     files = {name: OutputFile(data, "application/octet-stream") for name, data in diffusers_files(adapter).items()}
     return MethodOutput(adapter=adapter, metrics=metrics, files=files, result={"tokens": tokens})
+
+
+def concept_specs(params: Params, inputs: dict[str, object]) -> list[ConceptSpec]:
+    """The first concept's names, and the second's when `second_token` or `second_class_word` is set;
+    ValueError when the second token repeats the first or second images come without a second concept."""
+    specs = [ConceptSpec(params.token, params.class_word, "images", "class_images", "token")]
+    if params.second_token or params.second_class_word:
+        if params.second_token == params.token:
+            raise ValueError(f"second_token must differ from token, both are {params.token!r}")
+        specs.append(
+            ConceptSpec(
+                params.second_token, params.second_class_word, "second_images", "second_class_images", "second_token"
+            )
+        )
+    elif inputs.get("second_images"):
+        raise ValueError("second_images needs second_token and second_class_word")
+    return specs
+
+
+def check_inputs(
+    components: Components, params: Params, inputs: dict[str, object], specs: list[ConceptSpec]
+) -> dict[str, list[Image.Image]]:
+    """Each concept's images by input name; ValueError naming the first bad token, class word, count or input."""
+    for spec in specs:
+        check_concept(components, spec.token, spec.class_word, spec.field)
+        check_prompt(components.tokenizer, f"a {spec.class_word}", spec.field.replace("token", "class_word"))
+    check_at_least_one(steps=params.steps, batch_size=params.batch_size)
+    return {spec.images_key: images_list(inputs, spec.images_key) for spec in specs}
+
+
+def concept_data(
+    components: Components, params: Params, inputs: dict[str, object], spec: ConceptSpec, images: list[Image.Image]
+) -> Concept:
+    """One concept's latents and, with regularisation, its class images' latents (given or generated now)."""
+    class_latents = None
+    if params.regularization:
+        request = class_image_requests(params)[spec.class_images_key]
+        regular = class_images(components, inputs.get(spec.class_images_key), request)
+        class_latents = images_to_latents(components, regular)
+    latents = images_to_latents(components, images, flip=params.flip)
+    return Concept(spec.token, spec.class_word, latents, class_latents)
+
+
+def kv_trainables(
+    unet: UNet2DConditionModel, token_vectors: torch.nn.Parameter
+) -> tuple[dict[str, CustomDiffusionAttnProcessor2_0], dict[str, torch.nn.Parameter]]:
+    """(a K/V processor per attn2 layer initialised at the layer's own W_k, W_v; the trainable tensors by adapter
+    key: the token embeddings, then each layer's W_k and W_v)."""
+    layers = cross_attention_layers(unet)
+    processors = {name: kv_processor(attn, attn.to_k.weight, attn.to_v.weight) for name, attn in layers.items()}
+    trainable: dict[str, torch.nn.Parameter] = {TOKEN_EMBEDDINGS_KEY: token_vectors}
+    for name, processor in processors.items():
+        trainable[name + KEY_SUFFIX] = processor.to_k_custom_diffusion.weight
+        trainable[name + VALUE_SUFFIX] = processor.to_v_custom_diffusion.weight
+    return processors, trainable
+
+
+def optimise(
+    components: Components,
+    params: Params,
+    concepts: list[Concept],
+    processors: dict[str, CustomDiffusionAttnProcessor2_0],
+    trainable: dict[str, torch.nn.Parameter],
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    checkpoints: Checkpoints | None,
+) -> TrainingLog:
+    """Minimise (AdamW) the sum over concepts of the instance loss plus lambda times the regularisation loss,
+    with the modifier tokens added and the K/V processors installed for the loop only."""
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=0.0)
+    scheduler = components.ddim()
+    batch = params.batch_size
+    with ExitStack() as stack:
+        stack.enter_context(added_tokens(components, [c.token for c in concepts], trainable[TOKEN_EMBEDDINGS_KEY]))
+        stack.enter_context(installed(components.unet, dict(processors)))
+
+        def step_fn(step: int) -> float:
+            total = torch.zeros((), device=components.device)
+            for concept in concepts:
+                phrase = concept_phrase(concept.token, concept.class_word)
+                loss = concept_loss(components, scheduler, concept.latents, phrase, batch, generator)
+                total = total + loss.mean()
+                if concept.class_latents is not None:
+                    prompt = f"a {concept.class_word}"
+                    prior = class_loss(components, scheduler, concept.class_latents, prompt, batch, generator)
+                    total = total + params.prior_loss_weight * prior.mean()
+            return optimizer_step(optimizer, total)
+
+        return train_parameters(
+            trainable,
+            optimizer,
+            step_fn,
+            steps=params.steps,
+            checkpoint_every=params.checkpoint_every,
+            generator=generator,
+            callback=callback,
+            checkpoints=checkpoints,
+        )
 
 
 def concept_metadata(concepts: list[Concept], params: Params) -> dict[str, str]:

@@ -35,23 +35,28 @@ import torch
 from PIL import Image
 
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
-from models.common.text import check_prompt, encode_prompts
-from models.generation import text_to_image
+from models.common.text import check_prompt
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
+from models.personalization.concepts import (
+    TOKEN_EMBEDDINGS_KEY,
+    ClassImageRequest,
+    check_concept,
+    class_images,
+    identifier_vectors,
+    images_list,
+)
 from models.personalization.training import (
+    TrainingLog,
     added_tokens,
+    check_at_least_one,
+    class_loss,
+    concept_loss,
     concept_phrase,
     images_to_latents,
-    noise_prediction_loss,
     optimizer_step,
-    parameter_state,
-    pick,
-    train_loop,
-    training_prompts,
+    train_parameters,
+    training_metrics,
 )
-
-TOKEN_EMBEDDINGS_KEY = "token_embeddings"
-"""Adapter tensor (n, D): the input embeddings of the adapter's new tokens, in the order of `Adapter.tokens`."""
 
 FROZEN_TEXT_PARAMS = ("token_embedding",)
 """Text-encoder parameters never trained: the embedding table (a dense delta of it would be V x D)."""
@@ -76,60 +81,7 @@ class Params:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pieces Custom Diffusion shares
-
-
-def check_concept(components: Components, token: str, class_word: str, field: str = "token") -> None:
-    """ValueError naming the field when the token already exists or a caption with it would be truncated."""
-    if not token or any(ch.isspace() for ch in token):
-        raise ValueError(f"{field} must be one word without spaces, got {token!r}")
-    if not class_word.strip():
-        raise ValueError(f"{field.replace('token', 'class_word')} must name the concept's class, e.g. 'circle'")
-    vocabulary = components.tokenizer.get_vocab()
-    if token in vocabulary or f"{token.lower()}</w>" in vocabulary:
-        raise ValueError(f"{field} {token!r} is already in the vocabulary; choose a new one, e.g. '<s1>'")
-    check_prompt(components.tokenizer, f"a {token} {class_word} on a light background", field)
-
-
-def identifier_vectors(components: Components, count: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` fresh token embeddings (count, D) drawn at the scale of the embedding table: per dimension the
-    table's mean plus its standard deviation times a standard normal draw from `generator`."""
-    table = components.text_encoder.get_input_embeddings().weight.detach().float().cpu()
-    noise = torch.randn((count, table.shape[1]), generator=generator)
-    return table.mean(dim=0) + table.std(dim=0) * noise
-
-
-CLASS_IMAGES_SEED = 0
-"""Class images come from their own generator with this seed, never the job's: the same (model, prompt, count,
-steps, guidance) always gives the same images, so a worker may cache them and a job with cached class images
-equals one that generated them."""
-
-
-@dataclass(frozen=True)
-class ClassImageRequest:
-    """The prior images x_pr one concept needs: `count` images of `prompt` from the frozen base model."""
-
-    prompt: str
-    count: int
-    steps: int
-    guidance_scale: float
-
-
-def generate_class_images(components: Components, request: ClassImageRequest) -> list[Image.Image]:
-    """`request.count` images the frozen base model generates for `request.prompt` (DDIM, one batch)."""
-    generator = torch.Generator("cpu").manual_seed(CLASS_IMAGES_SEED)
-    params = text_to_image.Params(
-        prompt=request.prompt, steps=request.steps, guidance_scale=request.guidance_scale, num_images=request.count
-    )
-    return text_to_image.run(components, params, generator=generator).images
-
-
-def class_images(components: Components, given: object, request: ClassImageRequest) -> list[Image.Image]:
-    """The prior images: `given` (a list of PIL images, e.g. from the worker's cache) when it holds enough,
-    otherwise generated now."""
-    if isinstance(given, list) and len(given) >= request.count and all(isinstance(im, Image.Image) for im in given):
-        return list(given[: request.count])
-    return generate_class_images(components, request)
+# Class images
 
 
 def class_prompt(params: Params) -> str:
@@ -144,13 +96,6 @@ def class_image_requests(params: Params) -> dict[str, ClassImageRequest]:
         class_prompt(params), params.num_class_images, params.class_steps, params.class_guidance_scale
     )
     return {"class_images": request}
-
-
-def images_list(inputs: dict[str, object], name: str) -> list[Image.Image]:
-    value = inputs.get(name)
-    if not isinstance(value, list) or not value or not all(isinstance(im, Image.Image) for im in value):
-        raise ValueError(f"{name} must be a non-empty list of images")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,15 +114,7 @@ def run(
     """Fine-tune a copy of the UNet on inputs["images"] (with prior preservation on inputs["class_images"] or
     generated ones); returns the weight delta as a "dreambooth" adapter."""
     # 1. Check inputs
-    images = images_list(inputs, "images")
-    check_concept(components, params.token, params.class_word)
-    prior_prompt = class_prompt(params)
-    check_prompt(components.tokenizer, prior_prompt, "class_prompt")
-    for name, value in (("steps", params.steps), ("batch_size", params.batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    if params.prior_preservation and params.num_class_images < 1:
-        raise ValueError(f"num_class_images must be at least 1 with prior preservation, got {params.num_class_images}")
+    images = check_inputs(components, params, inputs)
     started = time.perf_counter()
 
     # 2. Data: instance latents, the identifier's vector, the prior images generated by the frozen model
@@ -189,6 +126,42 @@ def run(
         class_latents = images_to_latents(components, prior)
 
     # 3. The trainable copy (the shared model is only read)
+    train, trainable, token_vectors = trainable_copy(components, params, vectors)
+
+    # 4. Optimise eq. 2
+    log = optimise(
+        train, params, trainable, token_vectors, instance_latents, class_latents, generator, callback, checkpoints
+    )
+
+    # 5. The delta against the base model
+    tensors = weight_delta(components.unet, train.unet, "unet.")
+    if params.train_text_encoder:
+        tensors.update(weight_delta(components.text_encoder, train.text_encoder, "text_encoder."))
+    tensors[TOKEN_EMBEDDINGS_KEY] = token_vectors.detach().float().cpu().clone()
+    adapter = Adapter(type="dreambooth", tensors=tensors, metadata=adapter_metadata(params))
+    metrics = training_metrics(log, params.steps, started)
+    metrics["changed_tensors"] = sum(1 for name in tensors if name != TOKEN_EMBEDDINGS_KEY)
+    return MethodOutput(adapter=adapter, metrics=metrics, result={"tokens": [params.token], "loss": log.losses[-1:]})
+
+
+def check_inputs(components: Components, params: Params, inputs: dict[str, object]) -> list[Image.Image]:
+    """The instance images; ValueError naming the first bad input or value (token, class prompt, counts)."""
+    images = images_list(inputs, "images")
+    check_concept(components, params.token, params.class_word)
+    check_prompt(components.tokenizer, class_prompt(params), "class_prompt")
+    check_at_least_one(steps=params.steps, batch_size=params.batch_size)
+    if params.prior_preservation and params.num_class_images < 1:
+        raise ValueError(f"num_class_images must be at least 1 with prior preservation, got {params.num_class_images}")
+    return images
+
+
+def trainable_copy(
+    components: Components, params: Params, vectors: torch.Tensor
+) -> tuple[Components, dict[str, torch.nn.Parameter], torch.nn.Parameter]:
+    """(components with a trainable copy of the UNet, and of the text encoder when it trains; the trainable
+    tensors by adapter key; the identifier's vector (1, D) as a Parameter, trainable with the text encoder).
+
+    Every UNet parameter trains; of the text encoder every parameter but `FROZEN_TEXT_PARAMS`."""
     unet = copy.deepcopy(components.unet)
     unet.requires_grad_(True)
     text_encoder = copy.deepcopy(components.text_encoder) if params.train_text_encoder else components.text_encoder
@@ -200,63 +173,58 @@ def run(
                 parameter.requires_grad_(True)
                 trainable[f"text_encoder.{name}"] = parameter
         trainable[TOKEN_EMBEDDINGS_KEY] = token_vectors
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=0.0)
-    scheduler = components.ddim()
-    phrase = concept_phrase(params.token, params.class_word)
-    train = dataclasses.replace(components, unet=unet, text_encoder=text_encoder)
+    return dataclasses.replace(components, unet=unet, text_encoder=text_encoder), trainable, token_vectors
 
-    # 4. Optimise eq. 2
+
+def optimise(
+    train: Components,
+    params: Params,
+    trainable: dict[str, torch.nn.Parameter],
+    token_vectors: torch.nn.Parameter,
+    instance_latents: torch.Tensor,
+    class_latents: torch.Tensor | None,
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    checkpoints: Checkpoints | None,
+) -> TrainingLog:
+    """Minimise eq. 2 (AdamW) on the trainable copy `train`, with the identifier token added to it: the instance
+    loss under "a [V] <class> ..." captions plus, with prior preservation, lambda times the class loss."""
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=0.0)
+    scheduler = train.ddim()
+    phrase = concept_phrase(params.token, params.class_word)
+    prior_prompt = class_prompt(params)
     with added_tokens(train, [params.token], token_vectors):
 
         def step_fn(step: int) -> float:
-            rows = pick(instance_latents.shape[0], params.batch_size, generator)
-            prompts = training_prompts(phrase, params.batch_size, generator)
-            cond = encode_prompts(train.text_encoder, train.tokenizer, prompts)
-            loss = noise_prediction_loss(unet, scheduler, instance_latents[rows], cond, generator).mean()
+            loss = concept_loss(train, scheduler, instance_latents, phrase, params.batch_size, generator).mean()
             if class_latents is not None:
-                rows = pick(class_latents.shape[0], params.batch_size, generator)
-                class_cond = encode_prompts(train.text_encoder, train.tokenizer, [prior_prompt] * params.batch_size)
-                prior_loss = noise_prediction_loss(unet, scheduler, class_latents[rows], class_cond, generator)
+                prior_loss = class_loss(train, scheduler, class_latents, prior_prompt, params.batch_size, generator)
                 loss = loss + params.prior_loss_weight * prior_loss.mean()
             return optimizer_step(optimizer, loss)
 
-        get_state, set_state = parameter_state(trainable, optimizer)
-
-        log = train_loop(
+        return train_parameters(
+            trainable,
+            optimizer,
+            step_fn,
             steps=params.steps,
-            step_fn=step_fn,
-            get_state=get_state,
-            set_state=set_state,
+            checkpoint_every=params.checkpoint_every,
             generator=generator,
             callback=callback,
             checkpoints=checkpoints,
-            checkpoint_every=params.checkpoint_every,
         )
 
-    # 5. The delta against the base model
-    tensors = weight_delta(components.unet, unet, "unet.")
-    if params.train_text_encoder:
-        tensors.update(weight_delta(components.text_encoder, text_encoder, "text_encoder."))
-    tensors[TOKEN_EMBEDDINGS_KEY] = token_vectors.detach().float().cpu().clone()
-    metadata = {
+
+def adapter_metadata(params: Params) -> dict[str, str]:
+    """The adapter's header: its token, class and the training options (strings, as safetensors wants)."""
+    return {
         "tokens": tokens_metadata([params.token]),
         "class_word": params.class_word,
-        "class_prompt": prior_prompt,
+        "class_prompt": class_prompt(params),
         "prior_preservation": str(params.prior_preservation),
         "train_text_encoder": str(params.train_text_encoder),
         "steps": str(params.steps),
         "learning_rate": str(params.learning_rate),
     }
-    adapter = Adapter(type="dreambooth", tensors=tensors, metadata=metadata)
-    metrics: dict[str, float | int | str] = {
-        "final_loss": round(log.final_loss, 6),
-        "steps": params.steps,
-        "seconds": round(time.perf_counter() - started, 3),
-        "train_seconds": round(log.seconds, 3),
-        "resumed_from": log.resumed_from,
-        "changed_tensors": sum(1 for name in tensors if name != TOKEN_EMBEDDINGS_KEY),
-    }
-    return MethodOutput(adapter=adapter, metrics=metrics, result={"tokens": [params.token], "loss": log.losses[-1:]})
 
 
 def weight_delta(base: torch.nn.Module, tuned: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:

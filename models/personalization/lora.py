@@ -29,17 +29,16 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
-from models.common.text import encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.training import (
+    TrainingLog,
+    check_at_least_one,
+    concept_loss,
     concept_phrase,
     images_to_latents,
-    noise_prediction_loss,
     optimizer_step,
-    parameter_state,
-    pick,
-    train_loop,
-    training_prompts,
+    train_parameters,
+    training_metrics,
 )
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -72,8 +71,7 @@ def check_params(params: Params, images: list[Image.Image]) -> None:
         raise ValueError(f"rank must be in [1, 128], got {params.rank}")
     if params.alpha <= 0:
         raise ValueError(f"alpha must be positive, got {params.alpha}")
-    if params.steps < 1:
-        raise ValueError(f"steps must be at least 1, got {params.steps}")
+    check_at_least_one(steps=params.steps)
 
 
 def _modules(components: Components, prefix: str) -> torch.nn.Module:
@@ -149,53 +147,16 @@ def run(
     # 2. Encode the training images once (the VAE is frozen)
     latents = images_to_latents(components, images, flip=params.flip).to(components.device)
     concept = concept_phrase(params.token, params.class_word)
-    scheduler = components.ddim()
     prefixes = PREFIXES if params.train_text_encoder else PREFIXES[:1]
-    targets = {"unet": UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS}
 
     # 3. Inject the low-rank layers (B = 0: the model starts as the base model) and train only them
     with contextlib.ExitStack() as stack:
         names: dict[str, str] = {}
         for prefix in prefixes:
-            config = LoraConfig(
-                r=params.rank, lora_alpha=params.alpha, target_modules=list(targets[prefix]), init_lora_weights=True
-            )
-            names[prefix] = stack.enter_context(injected(_modules(components, prefix), config))
-        trainable = {  # keys without the adapter's name, so a resumed run (another name) finds them
-            f"{prefix}.{key.replace(f'.{names[prefix]}.', '.')}": parameter
-            for prefix in prefixes
-            for key, parameter in _modules(components, prefix).named_parameters()
-            if f".{names[prefix]}." in f".{key}." and "lora_" in key
-        }
-        for key, parameter in trainable.items():  # LoRA weights in fp32 even when the base runs in fp16
-            parameter.data = parameter.data.float()
-            parameter.requires_grad_(True)
-            if ".lora_A." in key:  # peft's kaiming-uniform init, drawn from the job's generator (determinism)
-                bound = 1.0 / math.sqrt(parameter.shape[1])
-                noise = torch.rand(parameter.shape, generator=generator, dtype=torch.float32)
-                parameter.data.copy_((noise * 2 - 1) * bound)
-        optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=1e-2)
-
-        get_state, set_state = parameter_state(trainable, optimizer)
-
-        def step(index: int) -> float:
-            picks = pick(latents.shape[0], params.batch_size, generator)
-            prompts = training_prompts(concept, params.batch_size, generator)
-            with torch.enable_grad(), torch.autocast(components.device.type, enabled=components.dtype == torch.float16):
-                embeddings = encode_prompts(components.text_encoder, components.tokenizer, prompts)
-                loss = noise_prediction_loss(components.unet, scheduler, latents[picks], embeddings, generator).mean()
-            return optimizer_step(optimizer, loss)
-
-        log = train_loop(
-            steps=params.steps,
-            step_fn=step,
-            get_state=get_state,
-            set_state=set_state,
-            generator=generator,
-            callback=callback,
-            checkpoints=checkpoints,
-            checkpoint_every=params.checkpoint_every,
-        )
+            names[prefix] = stack.enter_context(injected(_modules(components, prefix), lora_config(params, prefix)))
+        trainable = lora_parameters(components, names)
+        initialise(trainable, generator)
+        log = train_lora(components, params, trainable, latents, concept, generator, callback, checkpoints)
 
         # 4. The adapter in diffusers' key layout, alpha / r folded into B
         tensors: dict[str, torch.Tensor] = {}
@@ -214,14 +175,72 @@ def run(
             "train_text_encoder": str(params.train_text_encoder).lower(),
         },
     )
-    metrics: dict[str, float | int | str] = {
-        "final_loss": round(log.final_loss, 6),
-        "steps": params.steps,
-        "seconds": round(log.seconds, 3),
-        "resumed_from": log.resumed_from,
-        "trainable_parameters": sum(p.numel() for p in trainable.values()),
-    }
+    metrics = training_metrics(log, params.steps)
+    metrics["trainable_parameters"] = sum(p.numel() for p in trainable.values())
     return MethodOutput(adapter=adapter, metrics=metrics, result={"tokens": [params.token], "prompt": f"a {concept}"})
+
+
+def lora_config(params: Params, prefix: str) -> LoraConfig:
+    """The LoRA layers of rank r and scale alpha for one component ("unet": UNET_TARGETS, "text_encoder":
+    TEXT_ENCODER_TARGETS); peft's init makes B = 0, A is drawn again by `initialise`."""
+    targets = {"unet": UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS}
+    return LoraConfig(
+        r=params.rank, lora_alpha=params.alpha, target_modules=list(targets[prefix]), init_lora_weights=True
+    )
+
+
+def lora_parameters(components: Components, names: dict[str, str]) -> dict[str, torch.nn.Parameter]:
+    """The injected A and B of adapter `names[prefix]` in each component, by "<prefix>.<peft key>" with the
+    adapter's name left out (so a resumed run, whose adapter has another name, finds them)."""
+    return {
+        f"{prefix}.{key.replace(f'.{name}.', '.')}": parameter
+        for prefix, name in names.items()
+        for key, parameter in _modules(components, prefix).named_parameters()
+        if f".{name}." in f".{key}." and "lora_" in key
+    }
+
+
+def initialise(trainable: dict[str, torch.nn.Parameter], generator: torch.Generator) -> None:
+    """Make the LoRA weights trainable fp32 tensors (even when the base runs in fp16) and draw every A again
+    with peft's kaiming-uniform bound from the job's generator, in `trainable`'s order (determinism)."""
+    for key, parameter in trainable.items():
+        parameter.data = parameter.data.float()
+        parameter.requires_grad_(True)
+        if ".lora_A." in key:
+            bound = 1.0 / math.sqrt(parameter.shape[1])
+            noise = torch.rand(parameter.shape, generator=generator, dtype=torch.float32)
+            parameter.data.copy_((noise * 2 - 1) * bound)
+
+
+def train_lora(
+    components: Components,
+    params: Params,
+    trainable: dict[str, torch.nn.Parameter],
+    latents: torch.Tensor,
+    concept: str,
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    checkpoints: Checkpoints | None,
+) -> TrainingLog:
+    """Optimise the latent-diffusion loss over the LoRA weights alone (AdamW), autocast to fp16 on an fp16 base."""
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=1e-2)
+    scheduler = components.ddim()
+
+    def step(index: int) -> float:
+        with torch.enable_grad(), torch.autocast(components.device.type, enabled=components.dtype == torch.float16):
+            loss = concept_loss(components, scheduler, latents, concept, params.batch_size, generator).mean()
+        return optimizer_step(optimizer, loss)
+
+    return train_parameters(
+        trainable,
+        optimizer,
+        step,
+        steps=params.steps,
+        checkpoint_every=params.checkpoint_every,
+        generator=generator,
+        callback=callback,
+        checkpoints=checkpoints,
+    )
 
 
 def split_state(adapter: Adapter) -> dict[str, dict[str, torch.Tensor]]:

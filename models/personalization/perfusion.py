@@ -35,28 +35,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+from PIL import Image
 
-from models.common.attention import attention_input, attention_output, split_heads
+from models.common.attention import attention_input, attention_output, cross_attention_layers, installed, split_heads
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.text import check_prompt, encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
-from models.personalization.custom_diffusion import cross_attention_layers, installed
-from models.personalization.dreambooth import (
-    TOKEN_EMBEDDINGS_KEY,
-    check_concept,
-    identifier_vectors,
-    images_list,
-)
+from models.personalization.concepts import TOKEN_EMBEDDINGS_KEY, check_concept, identifier_vectors, images_list
 from models.personalization.training import (
     PROMPT_TEMPLATES,
+    TrainingLog,
     added_tokens,
+    check_at_least_one,
+    concept_loss,
     images_to_latents,
-    noise_prediction_loss,
     optimizer_step,
-    parameter_state,
-    pick,
-    train_loop,
-    training_prompts,
+    train_parameters,
+    training_metrics,
 )
 from models.shapes.world import caption, sample_scene
 
@@ -246,14 +241,7 @@ def run(
     """Learn S*'s embedding and the value targets o*_V of every attn2 layer on inputs["images"], with S*'s key
     locked to the class word; returns a "perfusion" adapter."""
     # 1. Check inputs
-    images = images_list(inputs, "images")
-    check_concept(components, params.token, params.class_word)
-    check_prompt(components.tokenizer, f"a {params.class_word}", "class_word")
-    for name, value in (("steps", params.steps), ("batch_size", params.batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    if params.gate_temperature <= 0:
-        raise ValueError(f"gate_temperature must be positive, got {params.gate_temperature}")
+    images = check_inputs(components, params, inputs)
     started = time.perf_counter()
 
     # 2. Data and the fixed parts of the edit: the class word's encoding, C^-1 over the caption corpus
@@ -261,28 +249,71 @@ def run(
     with torch.no_grad():
         i_class = word_encoding(components, f"a {params.class_word}", params.class_word)
         inverse_cov = inverse_covariance(components, caption_corpus()).to(components.device)
-    layers = cross_attention_layers(components.unet)
 
-    # 3. Trainables: S*'s embedding (a fresh vector: initialised at the class word's, the gate would fire on the
-    # class word too) and o*_V = W_v i_class per layer
-    embedding = torch.nn.Parameter(identifier_vectors(components, 1, generator).to(components.device))
-    with torch.no_grad():
-        value_targets = {
-            name: torch.nn.Parameter(attn.to_v(i_class.to(attn.to_v.weight.dtype)).float().clone())
-            for name, attn in layers.items()
-        }
+    # 3. Trainables: S*'s embedding and o*_V per layer, and the edit they drive
+    embedding, value_targets = edit_trainables(components, i_class, generator)
     trainable: dict[str, torch.nn.Parameter] = {TOKEN_EMBEDDINGS_KEY: embedding}
     trainable.update({name + VALUE_SUFFIX: target for name, target in value_targets.items()})
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=0.0)
-    scheduler = components.ddim()
-    contexts = context_prompts(params.token)
     edit = ConceptEdit(
         torch.zeros_like(i_class), i_class, i_class, dict(value_targets), params.gate_bias, params.gate_temperature
     )
 
     # 4. Optimise the denoising loss; i* and u follow the embedding every step
+    log = optimise(components, params, trainable, edit, latents, inverse_cov, generator, callback, checkpoints)
+
+    # 5. The adapter
+    tensors = {name: parameter.detach().float().cpu().clone() for name, parameter in trainable.items()}
+    for name, vector in (("i_star", edit.i_star), ("i_class", i_class), ("direction", edit.direction)):
+        tensors[name] = vector.detach().float().cpu().clone()
+    adapter = Adapter(type="perfusion", tensors=tensors, metadata=adapter_metadata(params))
+    metrics = training_metrics(log, params.steps, started)
+    metrics["gate_at_token"] = round(float(edit.gate(edit.i_star[None, None])), 4)
+    return MethodOutput(adapter=adapter, metrics=metrics, result={"tokens": [params.token]})
+
+
+def check_inputs(components: Components, params: Params, inputs: dict[str, object]) -> list[Image.Image]:
+    """The concept's images; ValueError naming the first bad input or value (token, class word, counts, gate)."""
+    images = images_list(inputs, "images")
+    check_concept(components, params.token, params.class_word)
+    check_prompt(components.tokenizer, f"a {params.class_word}", "class_word")
+    check_at_least_one(steps=params.steps, batch_size=params.batch_size)
+    if params.gate_temperature <= 0:
+        raise ValueError(f"gate_temperature must be positive, got {params.gate_temperature}")
+    return images
+
+
+def edit_trainables(
+    components: Components, i_class: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.nn.Parameter, dict[str, torch.nn.Parameter]]:
+    """(S*'s embedding (1, D): a fresh vector, since initialised at the class word's the gate would fire on the
+    class word too; o*_V = W_v i_class (hidden,) by attn2 layer, the value targets' starting point)."""
+    embedding = torch.nn.Parameter(identifier_vectors(components, 1, generator).to(components.device))
+    with torch.no_grad():
+        value_targets = {
+            name: torch.nn.Parameter(attn.to_v(i_class.to(attn.to_v.weight.dtype)).float().clone())
+            for name, attn in cross_attention_layers(components.unet).items()
+        }
+    return embedding, value_targets
+
+
+def optimise(
+    components: Components,
+    params: Params,
+    trainable: dict[str, torch.nn.Parameter],
+    edit: ConceptEdit,
+    latents: torch.Tensor,
+    inverse_cov: torch.Tensor,
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    checkpoints: Checkpoints | None,
+) -> TrainingLog:
+    """Minimise the denoising loss (AdamW) under captions with S*, with the token added and `edit` installed for
+    the loop only; before every step, and once after the last, i* and u are recomputed from the embedding."""
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=0.0)
+    scheduler = components.ddim()
+    contexts = context_prompts(params.token)
     with ExitStack() as stack:
-        stack.enter_context(added_tokens(components, [params.token], embedding))
+        stack.enter_context(added_tokens(components, [params.token], trainable[TOKEN_EMBEDDINGS_KEY]))
         stack.enter_context(edited_attention(components, edit))
 
         def refresh() -> None:
@@ -291,37 +322,27 @@ def run(
 
         def step_fn(step: int) -> float:
             refresh()
-            rows = pick(latents.shape[0], params.batch_size, generator)
-            prompts = training_prompts(params.token, params.batch_size, generator)
-            cond = encode_prompts(components.text_encoder, components.tokenizer, prompts)
-            loss = noise_prediction_loss(components.unet, scheduler, latents[rows], cond, generator).mean()
+            loss = concept_loss(components, scheduler, latents, params.token, params.batch_size, generator).mean()
             return optimizer_step(optimizer, loss)
 
-        get_state, set_state = parameter_state(trainable, optimizer)
-
-        log = train_loop(
+        log = train_parameters(
+            trainable,
+            optimizer,
+            step_fn,
             steps=params.steps,
-            step_fn=step_fn,
-            get_state=get_state,
-            set_state=set_state,
+            checkpoint_every=params.checkpoint_every,
             generator=generator,
             callback=callback,
             checkpoints=checkpoints,
-            checkpoint_every=params.checkpoint_every,
         )
         with torch.no_grad():
             refresh()
+    return log
 
-    # 5. The adapter
-    tensors = {name: parameter.detach().float().cpu().clone() for name, parameter in trainable.items()}
-    tensors.update(
-        {
-            "i_star": edit.i_star.detach().float().cpu().clone(),
-            "i_class": i_class.detach().float().cpu().clone(),
-            "direction": edit.direction.detach().float().cpu().clone(),
-        }
-    )
-    metadata = {
+
+def adapter_metadata(params: Params) -> dict[str, str]:
+    """The adapter's header: its token, class word, the gate's bias and temperature, the training options."""
+    return {
         "tokens": tokens_metadata([params.token]),
         "class_word": params.class_word,
         "gate_bias": str(params.gate_bias),
@@ -329,16 +350,6 @@ def run(
         "steps": str(params.steps),
         "learning_rate": str(params.learning_rate),
     }
-    adapter = Adapter(type="perfusion", tensors=tensors, metadata=metadata)
-    metrics: dict[str, float | int | str] = {
-        "final_loss": round(log.final_loss, 6),
-        "steps": params.steps,
-        "seconds": round(time.perf_counter() - started, 3),
-        "train_seconds": round(log.seconds, 3),
-        "resumed_from": log.resumed_from,
-        "gate_at_token": round(float(edit.gate(edit.i_star[None, None])), 4),
-    }
-    return MethodOutput(adapter=adapter, metrics=metrics, result={"tokens": [params.token]})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,21 +22,19 @@ import torch
 from PIL import Image
 
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
-from models.common.text import encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.training import (
+    TrainingLog,
     added_tokens,
+    check_at_least_one,
+    concept_loss,
     concept_phrase,
     images_to_latents,
     is_known_word,
-    load_optimizer_tensors,
-    noise_prediction_loss,
     optimizer_step,
-    optimizer_tensors,
-    pick,
     token_vectors,
-    train_loop,
-    training_prompts,
+    train_parameters,
+    training_metrics,
 )
 
 VECTORS_KEY = "vectors"
@@ -68,8 +66,7 @@ def check_params(components: Components, params: Params, images: list[Image.Imag
         raise ValueError(f"token must be one word, got {params.token!r}")
     if is_known_word(components.tokenizer, params.token):
         raise ValueError(f"token {params.token!r} is already a word of the model; choose a new one, e.g. '<s1>'")
-    if params.steps < 1:
-        raise ValueError(f"steps must be at least 1, got {params.steps}")
+    check_at_least_one(steps=params.steps)
     if not 1 <= params.num_vectors <= 8:
         raise ValueError(f"num_vectors must be in [1, 8], got {params.num_vectors}")
     for name in ("class_word", "init_word"):
@@ -96,44 +93,11 @@ def run(
     latents = images_to_latents(components, images, flip=params.flip).to(components.device)
 
     # 3. The trainable vectors, initialised from the init word (eq. 2's v, one row per sub-token)
-    init_word = params.init_word or params.class_word or "a"
-    init = token_vectors(components, [init_word]).repeat(params.num_vectors, 1)
-    vectors = torch.nn.Parameter(init.to(components.device))
-    optimizer = torch.optim.AdamW([vectors], lr=params.learning_rate, weight_decay=0.0)
-    tokens = sub_tokens(params.token, params.num_vectors)
-    aliases = {params.token: " ".join(tokens)} if params.num_vectors > 1 else None
+    vectors = initial_vectors(components, params)
     concept = concept_phrase(params.token, params.class_word)
-    scheduler = components.ddim()
-
-    def get_state() -> dict[str, torch.Tensor]:
-        return {VECTORS_KEY: vectors.detach(), **optimizer_tensors(optimizer)}
-
-    def set_state(state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            vectors.copy_(state[VECTORS_KEY].to(vectors.device))
-        load_optimizer_tensors(optimizer, state)
 
     # 4. Optimise only the vectors; the token exists only inside this block
-    with added_tokens(components, tokens, vectors, aliases):
-
-        def step(index: int) -> float:
-            picks = pick(latents.shape[0], params.batch_size, generator)
-            prompts = training_prompts(concept, params.batch_size, generator)
-            with torch.enable_grad():
-                embeddings = encode_prompts(components.text_encoder, components.tokenizer, prompts)
-                loss = noise_prediction_loss(components.unet, scheduler, latents[picks], embeddings, generator).mean()
-            return optimizer_step(optimizer, loss)
-
-        log = train_loop(
-            steps=params.steps,
-            step_fn=step,
-            get_state=get_state,
-            set_state=set_state,
-            generator=generator,
-            callback=callback,
-            checkpoints=checkpoints,
-            checkpoint_every=params.checkpoint_every,
-        )
+    log = train_vectors(components, params, vectors, latents, concept, generator, callback, checkpoints)
 
     # 5. The adapter: diffusers' textual-inversion layout, {token: (n, D)}
     adapter = Adapter(
@@ -145,13 +109,50 @@ def run(
             "num_vectors": str(params.num_vectors),
         },
     )
-    metrics: dict[str, float | int | str] = {
-        "final_loss": round(log.final_loss, 6),
-        "steps": params.steps,
-        "seconds": round(log.seconds, 3),
-        "resumed_from": log.resumed_from,
-    }
+    metrics = training_metrics(log, params.steps)
     return MethodOutput(adapter=adapter, metrics=metrics, result={"tokens": [params.token], "prompt": f"a {concept}"})
+
+
+def initial_vectors(components: Components, params: Params) -> torch.nn.Parameter:
+    """The trainable v (num_vectors, D) on the model's device: every row the init word's embedding (by default
+    the class word's)."""
+    init_word = params.init_word or params.class_word or "a"
+    init = token_vectors(components, [init_word]).repeat(params.num_vectors, 1)
+    return torch.nn.Parameter(init.to(components.device))
+
+
+def train_vectors(
+    components: Components,
+    params: Params,
+    vectors: torch.nn.Parameter,
+    latents: torch.Tensor,
+    concept: str,
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    checkpoints: Checkpoints | None,
+) -> TrainingLog:
+    """Optimise eq. 2 over `vectors` alone (AdamW), with the token (and its sub-tokens) added for the loop only."""
+    optimizer = torch.optim.AdamW([vectors], lr=params.learning_rate, weight_decay=0.0)
+    tokens = sub_tokens(params.token, params.num_vectors)
+    aliases = {params.token: " ".join(tokens)} if params.num_vectors > 1 else None
+    scheduler = components.ddim()
+    with added_tokens(components, tokens, vectors, aliases):
+
+        def step(index: int) -> float:
+            with torch.enable_grad():
+                loss = concept_loss(components, scheduler, latents, concept, params.batch_size, generator).mean()
+            return optimizer_step(optimizer, loss)
+
+        return train_parameters(
+            {VECTORS_KEY: vectors},
+            optimizer,
+            step,
+            steps=params.steps,
+            checkpoint_every=params.checkpoint_every,
+            generator=generator,
+            callback=callback,
+            checkpoints=checkpoints,
+        )
 
 
 def vectors_of(adapter: Adapter) -> tuple[str, torch.Tensor]:

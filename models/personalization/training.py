@@ -6,7 +6,10 @@
 - `added_tokens`: a context manager that adds new tokens to the tokenizer and text encoder and removes them after,
   leaving the shared components exactly as they were (the base embedding table is never written);
 - `optimizer_tensors` / `load_optimizer_tensors`: an optimizer's state flattened to tensors for checkpoints;
-- `train_loop`: steps, progress callback (cancel), checkpoint every N steps, resume from the last checkpoint.
+- `train_loop`: steps, progress callback (cancel), checkpoint every N steps, resume from the last checkpoint;
+- the tail every method's `run()` shares: `check_at_least_one` (step and batch counts), `concept_loss` and
+  `class_loss` (the denoising loss on a random batch of the concept's or the class's images), `train_parameters`
+  (`train_loop` with checkpoints of the trainable tensors and the optimizer) and `training_metrics`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from transformers import CLIPTokenizer
 
 from models.common.components import Components, ProgressCallback
 from models.common.latents import encode, images_to_tensor, randn
+from models.common.text import encode_prompts
 from models.personalization.common import Checkpoints
 
 PROMPT_TEMPLATES: tuple[str, ...] = (
@@ -310,3 +314,89 @@ def train_loop(
             checkpoints.save(step + 1, state)
     log.seconds = time.perf_counter() - started
     return log
+
+
+# ----------------------------------------------------------------------------------------------
+# The tail of every method's run(): checks, the batch loss, the loop with checkpoints, the metrics
+
+
+def check_at_least_one(**values: int) -> None:
+    """ValueError naming the first of `values` (e.g. steps=..., batch_size=...) that is below 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def concept_loss(
+    components: Components,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    phrase: str,
+    batch_size: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Per-example denoising loss (batch_size,) on `batch_size` rows of `latents` (N, 4, h, w) captioned with
+    `phrase` in random `PROMPT_TEMPLATES`, through `components`' UNet, text encoder and tokenizer (read now, so
+    added tokens and installed layers count). Draws, in order: the rows, the templates, then the loss's noise
+    and timesteps, all from `generator`."""
+    rows = pick(latents.shape[0], batch_size, generator)
+    prompts = training_prompts(phrase, batch_size, generator)
+    cond = encode_prompts(components.text_encoder, components.tokenizer, prompts)
+    return noise_prediction_loss(components.unet, scheduler, latents[rows], cond, generator)
+
+
+def class_loss(
+    components: Components,
+    scheduler: DDIMScheduler,
+    class_latents: torch.Tensor,
+    prompt: str,
+    batch_size: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Per-example denoising loss (batch_size,) on `batch_size` rows of the class images' latents, all captioned
+    with the fixed `prompt` ("a <class>"): DreamBooth's prior-preservation and Custom Diffusion's
+    regularisation term. Draws the rows, then the loss's noise and timesteps, from `generator`."""
+    rows = pick(class_latents.shape[0], batch_size, generator)
+    cond = encode_prompts(components.text_encoder, components.tokenizer, [prompt] * batch_size)
+    return noise_prediction_loss(components.unet, scheduler, class_latents[rows], cond, generator)
+
+
+def train_parameters(
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    step_fn: Callable[[int], float],
+    *,
+    steps: int,
+    checkpoint_every: int,
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    checkpoints: Checkpoints | None,
+) -> TrainingLog:
+    """`train_loop` over `step_fn` whose checkpoints hold the `trainable` tensors by name and the optimizer's
+    state (`parameter_state`): the loop every personalization method runs."""
+    get_state, set_state = parameter_state(trainable, optimizer)
+    return train_loop(
+        steps=steps,
+        step_fn=step_fn,
+        get_state=get_state,
+        set_state=set_state,
+        generator=generator,
+        callback=callback,
+        checkpoints=checkpoints,
+        checkpoint_every=checkpoint_every,
+    )
+
+
+def training_metrics(log: TrainingLog, steps: int, started: float | None = None) -> dict[str, float | int | str]:
+    """The metrics every training job reports: final_loss, steps, seconds, resumed_from.
+
+    With `started` (`time.perf_counter()` at the start of the job) "seconds" is the whole job and
+    "train_seconds" the loop alone; without it "seconds" is the loop."""
+    metrics: dict[str, float | int | str] = {"final_loss": round(log.final_loss, 6), "steps": steps}
+    if started is None:
+        metrics["seconds"] = round(log.seconds, 3)
+    else:
+        metrics["seconds"] = round(time.perf_counter() - started, 3)
+        metrics["train_seconds"] = round(log.seconds, 3)
+    metrics["resumed_from"] = log.resumed_from
+    return metrics

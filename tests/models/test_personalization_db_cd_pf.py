@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from models.common.attention import cross_attention_layers
 from models.common.components import Components
 from models.common.text import encode_prompts
 from models.personalization import custom_diffusion, custom_diffusion_merge, dreambooth, perfusion
@@ -211,7 +212,7 @@ def test_custom_diffusion_is_deterministic_and_trains_only_kv(
     first, _ = cd_adapters
     again = train_cd(components, "<cd1>", star_images(), seed=1).adapter
     assert tensors_equal(first, again)
-    layers = custom_diffusion.cross_attention_layers(components.unet)
+    layers = cross_attention_layers(components.unet)
     trained = {k for k, v in first.tensors.items() if v.numel() and k != "token_embeddings"}
     assert trained == {n + s for n in layers for s in (custom_diffusion.KEY_SUFFIX, custom_diffusion.VALUE_SUFFIX)}
 
@@ -275,8 +276,8 @@ def test_custom_diffusion_two_adapters_add_up_and_restore(
 ) -> None:
     first, second = cd_adapters
     before = snapshot(components)
-    name = next(iter(custom_diffusion.cross_attention_layers(components.unet)))
-    attn = custom_diffusion.cross_attention_layers(components.unet)[name]
+    name = next(iter(cross_attention_layers(components.unet)))
+    attn = cross_attention_layers(components.unet)[name]
     with custom_diffusion.apply(components, first, 1.0), custom_diffusion.apply(components, second, 0.5):
         processor = components.unet.attn_processors[name]
         key = name + custom_diffusion.KEY_SUFFIX
@@ -334,7 +335,7 @@ def test_perfusion_strength_and_two_concepts(components: Components, pf_adapters
     before = snapshot(components)
     prompt = "a <pf1> at the left and a <pf2> at the right"
     with perfusion.apply(components, first, 1.0), perfusion.apply(components, second, 1.0):
-        name = next(iter(custom_diffusion.cross_attention_layers(components.unet)))
+        name = next(iter(cross_attention_layers(components.unet)))
         assert len(components.unet.attn_processors[name].edits) == 2
         both = eps(components, prompt)
     with perfusion.apply(components, first, 1.0):
