@@ -27,6 +27,7 @@ from PIL import Image  # noqa: E402
 from transformers import CLIPTokenizer  # noqa: E402
 
 from bench.harness import accuracy, grid, scenes  # noqa: E402
+from bench.quality import load_model  # noqa: E402
 from models.common.components import Components  # noqa: E402
 from models.common.latents import decode, randn, tensor_to_images  # noqa: E402
 from models.common.sampling import ddim_sample  # noqa: E402
@@ -63,20 +64,6 @@ def load_components(run: Path, unet_dir: str, raw: bool, step: int | None = None
     vae = AutoencoderKL.from_pretrained(str(run / "vae" / "final")).eval()
     components = Components(unet, vae, text_encoder, tokenizer, dict(SD15_SCHEDULER))
     return components, {"step": state["step"], "wall_s": state["wall_s"]}
-
-
-def load_exported(folder: Path) -> Components:
-    """An exported model folder, loaded as the service loads it."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    return Components(
-        UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval(),
-        AutoencoderKL.from_pretrained(str(folder / "vae")).eval(),
-        CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval(),
-        CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
-        dict(SD15_SCHEDULER),
-    )
 
 
 @torch.no_grad()
@@ -189,7 +176,7 @@ def main(argv: list[str]) -> None:
         watch(run, args)
         return
     if args.model:
-        components, info = load_exported(Path(args.model)), {"step": 0, "wall_s": 0.0, "model": args.model}
+        components, info = load_model(Path(args.model)), {"step": 0, "wall_s": 0.0, "model": args.model}
     else:
         components, info = load_components(run, args.unet_dir, args.raw, args.step)
     probe_and_record(run, args, components, info)

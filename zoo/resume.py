@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -94,8 +95,6 @@ def has_moments(state: dict[str, Any]) -> bool:
     return "optimizer" in state and "rng" in state
 
 
-def reseeded(seed: int, step: int) -> tuple[Any, torch.Generator]:
+def reseeded(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
     """Fresh random sources for a resume without saved random states, a function of seed and step."""
-    import numpy as np
-
     return np.random.default_rng([seed, 3, step]), torch.Generator().manual_seed(seed * 1_000_003 + step)
