@@ -3,10 +3,18 @@ SDEdit-style methods start from."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from models.common.components import ProgressCallback, no_progress
+from models.control.controlnet import Control, residuals
+
+# The UNet's extra keyword arguments at one step, from its input: (latents, timestep, embeds) -> kwargs.
+UnetExtras = Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor], dict[str, Any]]
 
 
 def guided_noise(
@@ -16,14 +24,19 @@ def guided_noise(
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
     guidance_scale: float,
+    extras: UnetExtras | None = None,
 ) -> torch.Tensor:
     """eps = eps(z, c_empty) + w * (eps(z, c) - eps(z, c_empty)) (Ho & Salimans, 2022).
 
-    latents: (B, C, h, w); cond, uncond: (B, L, D). With w == 1 or no uncond, one UNet pass.
+    latents: (B, C, h, w); cond, uncond: (B, L, D). With w == 1 or no uncond, one UNet pass. `extras` adds keyword
+    arguments to that pass computed from its own batch (ControlNet residuals).
     """
     if uncond is None or guidance_scale == 1.0:
-        return unet(latents, timestep, encoder_hidden_states=cond).sample
-    both = unet(torch.cat([latents, latents]), timestep, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        kwargs = extras(latents, timestep, cond) if extras else {}
+        return unet(latents, timestep, encoder_hidden_states=cond, **kwargs).sample
+    latents, embeds = torch.cat([latents, latents]), torch.cat([uncond, cond])
+    kwargs = extras(latents, timestep, embeds) if extras else {}
+    both = unet(latents, timestep, encoder_hidden_states=embeds, **kwargs).sample
     eps_uncond, eps_cond = both.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -37,12 +50,15 @@ def ddim_sample(
     uncond: torch.Tensor | None,
     guidance_scale: float,
     callback: ProgressCallback = no_progress,
+    controls: Sequence[Control] = (),
 ) -> torch.Tensor:
-    """Denoise `latents` (B, C, h, w) through `timesteps` with deterministic DDIM (eta = 0)."""
+    """Denoise `latents` (B, C, h, w) through `timesteps` with deterministic DDIM (eta = 0), with `controls`
+    (ControlNets) adding their residuals at the steps each covers."""
     total = len(timesteps)
     for index, timestep in enumerate(timesteps):
         model_input = scheduler.scale_model_input(latents, timestep)
-        noise = guided_noise(unet, model_input, timestep, cond, uncond, guidance_scale)
+        extras = partial(residuals, controls, index, total) if controls else None
+        noise = guided_noise(unet, model_input, timestep, cond, uncond, guidance_scale, extras)
         latents = scheduler.step(noise, timestep, latents).prev_sample
         callback(index + 1, total)
     return latents

@@ -1,6 +1,7 @@
 """Text-to-image with latent diffusion (Rombach et al., CVPR 2022) and DDIM sampling.
 
-Implemented: classifier-free guidance, negative prompt, several images per prompt.
+Implemented: classifier-free guidance, negative prompt, several images per prompt, ControlNets
+(`inputs["controls"]`, see `models/control/controlnet.py`).
 Not implemented: other samplers, img2img (see `models/editing/sdedit.py`).
 """
 
@@ -14,6 +15,7 @@ from models.common.components import Components, MethodOutput, ProgressCallback,
 from models.common.latents import decode, randn, tensor_to_images
 from models.common.sampling import ddim_sample
 from models.common.text import check_prompt, encode_prompts
+from models.control.controlnet import Control, check_controls
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ def run(
         raise ValueError(f"steps must be at least 1, got {params.steps}")
     check_prompt(components.tokenizer, params.prompt)
     check_prompt(components.tokenizer, params.negative_prompt, "negative_prompt")
+    controls: list[Control] = list((inputs or {}).get("controls", []))  # type: ignore[call-overload]
+    check_controls(controls, params.width, params.height)
 
     # 2. Encode prompts
     batch = params.num_images
@@ -60,7 +64,15 @@ def run(
 
     # 4. Denoise
     latents = ddim_sample(
-        components.unet, scheduler, latents, scheduler.timesteps, cond, uncond, params.guidance_scale, callback
+        components.unet,
+        scheduler,
+        latents,
+        scheduler.timesteps,
+        cond,
+        uncond,
+        params.guidance_scale,
+        callback,
+        controls,
     )
 
     # 5. Decode

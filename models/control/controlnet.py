@@ -1,0 +1,89 @@
+"""ControlNet (Zhang, Rao & Agrawala, ICCV 2023): a trainable copy of the UNet's encoder, joined to the frozen
+UNet by zero convolutions, whose outputs are added to the UNet's skip connections and mid block.
+
+Implemented: one or several ControlNets in one job (their residuals are summed, as in the paper's multi-condition
+composition, sec. 4.3), each with a conditioning scale and a step range [start, end) given as fractions of the
+sampling schedule; the condition is an RGB image in [0, 1] at the generation's size; classifier-free guidance
+feeds the condition to both halves of the batch (not the paper's "guess mode").
+Not implemented here: training (the zoo's scripts), guess mode, the SDXL ControlNet's added conditioning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet in a job. condition: (1, 3, H, W) in [0, 1], H and W the generated image's."""
+
+    model: ControlNetModel
+    condition: torch.Tensor
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def active(self, index: int, total: int) -> bool:
+        """Whether step `index` of `total` lies in [start, end) (diffusers' `control_guidance_start/end`)."""
+        return not (index / total < self.start or (index + 1) / total > self.end)
+
+
+def condition_tensor(image: Image.Image, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A condition image (RGB) -> (1, 3, H, W) in [0, 1]. It is never resized here: `check_controls` refuses a
+    size other than the generated image's, since a condition's pixels say where things go."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
+
+
+def check_controls(controls: Sequence[Control], width: int, height: int) -> None:
+    """Raise ValueError naming the field unless every control's scale, step range and condition size are valid."""
+    for index, control in enumerate(controls):
+        name = f"controls[{index}]"
+        if control.scale < 0:
+            raise ValueError(f"{name}.scale must be >= 0, got {control.scale}")
+        if not 0.0 <= control.start < control.end <= 1.0:
+            raise ValueError(f"{name} needs 0 <= start < end <= 1, got start {control.start} and end {control.end}")
+        if tuple(control.condition.shape[-2:]) != (height, width):
+            got = f"{control.condition.shape[-1]}x{control.condition.shape[-2]}"
+            raise ValueError(f"{name}.condition size must match the image size {width}x{height}, got {got}")
+
+
+def residuals(
+    controls: Sequence[Control],
+    index: int,
+    total: int,
+    latents: torch.Tensor,
+    timestep: torch.Tensor | int,
+    embeds: torch.Tensor,
+) -> dict[str, Any]:
+    """The UNet's extra keyword arguments at step `index` of `total`: the summed ControlNet residuals.
+
+    latents: (B, C, h, w); embeds: (B, L, D). Controls outside their step range or at scale 0 are not run, so a
+    job whose controls are all inactive equals the uncontrolled one exactly. Returns {} when none is active.
+    """
+    down: list[torch.Tensor] | None = None
+    mid: torch.Tensor | None = None
+    for control in controls:
+        if control.scale == 0 or not control.active(index, total):
+            continue
+        condition = control.condition.expand(latents.shape[0], -1, -1, -1)
+        out = control.model(
+            latents,
+            timestep,
+            encoder_hidden_states=embeds,
+            controlnet_cond=condition,
+            conditioning_scale=control.scale,
+            return_dict=False,
+        )
+        down = list(out[0]) if down is None else [a + b for a, b in zip(down, out[0], strict=True)]
+        mid = out[1] if mid is None else mid + out[1]
+    if down is None:
+        return {}
+    return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

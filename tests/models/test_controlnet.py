@@ -1,0 +1,141 @@
+"""ControlNet in our sampler (models/control/controlnet.py) against diffusers' stock pipeline, on the zoo model
+with a ControlNet copied from its UNet whose zero convolutions are given random weights (a trained one has
+non-zero ones; zero ones would make every comparison trivially pass)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from PIL import Image
+
+from models.common.components import Components
+from models.control.controlnet import Control, condition_tensor
+from models.control.preprocess import preprocess
+from models.generation import text_to_image
+from models.shapes.world import Scene, ShapeObject, render
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_controlnet(components: Components, seed: int) -> ControlNetModel:
+    """A ControlNet from the zoo UNet (its conditioning embedding downsamples by the VAE's factor, 4)."""
+    channels = tuple(16 * 2**i for i in range(int(np.log2(components.vae_scale)) + 1))
+    model = ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=channels)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for block in [
+            *model.controlnet_down_blocks,
+            model.controlnet_mid_block,
+            model.controlnet_cond_embedding.conv_out,
+        ]:
+            block.weight.normal_(0.0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def controlnets(components: Components) -> list[ControlNetModel]:
+    return [tiny_controlnet(components, seed) for seed in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def edge_map() -> Image.Image:
+    scene = Scene((ShapeObject("square", "blue", "large", "top left", "solid"),), "dark")
+    return Image.fromarray(preprocess("canny", render(scene, 64).image))
+
+
+def generate(components: Components, controls: list[Control], seed: int = 3, steps: int = 6) -> Image.Image:
+    params = text_to_image.Params("a large red circle at the top left", steps=steps, guidance_scale=5.0)
+    return text_to_image.run(components, params, {"controls": controls}, generator=gen(seed)).images[0]
+
+
+def control(components: Components, model: ControlNetModel, image: Image.Image, **kwargs: float) -> Control:
+    return Control(model, condition_tensor(image, components.device, components.dtype), **kwargs)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_our_sampler_matches_the_stock_controlnet_pipeline(
+    components: Components, controlnets: list[ControlNetModel], edge_map: Image.Image, multi: bool
+) -> None:
+    """Same weights, seed, condition, scales and step ranges: our text-to-image equals
+    StableDiffusionControlNetPipeline within 1/255 (one ControlNet, and two summed)."""
+    used = controlnets if multi else controlnets[:1]
+    scales, starts, ends = [0.8, 0.5][: len(used)], [0.0, 0.2][: len(used)], [1.0, 0.7][: len(used)]
+    ours = generate(
+        components,
+        [
+            control(components, m, edge_map, scale=s, start=a, end=b)
+            for m, s, a, b in zip(used, scales, starts, ends, strict=True)
+        ],
+    )
+    pipe = StableDiffusionControlNetPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        controlnet=used if multi else used[0],
+        scheduler=components.ddim(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        "a large red circle at the top left",
+        image=[edge_map] * len(used) if multi else edge_map,
+        height=64,
+        width=64,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        controlnet_conditioning_scale=scales if multi else scales[0],
+        control_guidance_start=starts if multi else starts[0],
+        control_guidance_end=ends if multi else ends[0],
+        latents=torch.randn(1, 4, 16, 16, generator=gen(3)),
+    ).images[0]
+    assert np.abs(pixels(ours) - pixels(theirs)).max() <= 1
+    assert np.abs(pixels(ours) - pixels(generate(components, []))).max() > 8  # the control does change the image
+
+
+def test_scale_zero_or_an_empty_step_range_is_exactly_the_uncontrolled_output(
+    components: Components, controlnets: list[ControlNetModel], edge_map: Image.Image
+) -> None:
+    plain = pixels(generate(components, []))
+    np.testing.assert_array_equal(
+        pixels(generate(components, [control(components, controlnets[0], edge_map, scale=0.0)])), plain
+    )
+    late = control(components, controlnets[0], edge_map, start=0.9, end=1.0)  # covers no step of six
+    np.testing.assert_array_equal(pixels(generate(components, [late])), plain)
+
+
+def test_controlled_generation_is_deterministic(
+    components: Components, controlnets: list[ControlNetModel], edge_map: Image.Image
+) -> None:
+    first = generate(components, [control(components, controlnets[0], edge_map)])
+    np.testing.assert_array_equal(
+        pixels(first), pixels(generate(components, [control(components, controlnets[0], edge_map)]))
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "size", "message"),
+    [
+        ({"scale": -0.5}, 64, "controls[0].scale must be >= 0, got -0.5"),
+        ({"start": 0.6, "end": 0.4}, 64, "controls[0] needs 0 <= start < end <= 1, got start 0.6 and end 0.4"),
+        ({"end": 1.5}, 64, "controls[0] needs 0 <= start < end <= 1"),
+        ({}, 32, "controls[0].condition size must match the image size 64x64, got 32x32"),
+    ],
+)
+def test_bad_controls_name_the_field(
+    components: Components, controlnets: list[ControlNetModel], kwargs: dict[str, float], size: int, message: str
+) -> None:
+    condition = Image.new("RGB", (size, size))
+    with pytest.raises(ValueError) as raised:
+        generate(components, [control(components, controlnets[0], condition, **kwargs)], steps=1)
+    assert message in str(raised.value)
