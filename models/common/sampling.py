@@ -51,13 +51,14 @@ def ddim_sample(
     guidance_scale: float,
     callback: ProgressCallback = no_progress,
     controls: Sequence[Control] = (),
+    adapter_features: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Denoise `latents` (B, C, h, w) through `timesteps` with deterministic DDIM (eta = 0), with `controls`
-    (ControlNets) adding their residuals at the steps each covers."""
+    (ControlNets) adding their residuals at the steps each covers and T2I-Adapter features at every step."""
     total = len(timesteps)
     for index, timestep in enumerate(timesteps):
         model_input = scheduler.scale_model_input(latents, timestep)
-        extras = partial(residuals, controls, index, total) if controls else None
+        extras = partial(residuals, controls, adapter_features, index, total) if controls or adapter_features else None
         noise = guided_noise(unet, model_input, timestep, cond, uncond, guidance_scale, extras)
         latents = scheduler.step(noise, timestep, latents).prev_sample
         callback(index + 1, total)

@@ -42,32 +42,46 @@ def condition_tensor(image: Image.Image, device: torch.device, dtype: torch.dtyp
     return torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
 
 
+def check_condition(name: str, scale: float, condition: torch.Tensor, width: int, height: int) -> None:
+    """Raise ValueError naming the field unless scale >= 0 and condition (1, 3, H, W) is width x height."""
+    if scale < 0:
+        raise ValueError(f"{name}.scale must be >= 0, got {scale}")
+    if tuple(condition.shape[-2:]) != (height, width):
+        got = f"{condition.shape[-1]}x{condition.shape[-2]}"
+        raise ValueError(f"{name}.condition size must match the image size {width}x{height}, got {got}")
+
+
 def check_controls(controls: Sequence[Control], width: int, height: int) -> None:
     """Raise ValueError naming the field unless every control's scale, step range and condition size are valid."""
     for index, control in enumerate(controls):
         name = f"controls[{index}]"
-        if control.scale < 0:
-            raise ValueError(f"{name}.scale must be >= 0, got {control.scale}")
+        check_condition(name, control.scale, control.condition, width, height)
         if not 0.0 <= control.start < control.end <= 1.0:
             raise ValueError(f"{name} needs 0 <= start < end <= 1, got start {control.start} and end {control.end}")
-        if tuple(control.condition.shape[-2:]) != (height, width):
-            got = f"{control.condition.shape[-1]}x{control.condition.shape[-2]}"
-            raise ValueError(f"{name}.condition size must match the image size {width}x{height}, got {got}")
 
 
 def residuals(
     controls: Sequence[Control],
+    adapter_features: Sequence[torch.Tensor],
     index: int,
     total: int,
     latents: torch.Tensor,
     timestep: torch.Tensor | int,
     embeds: torch.Tensor,
 ) -> dict[str, Any]:
-    """The UNet's extra keyword arguments at step `index` of `total`: the summed ControlNet residuals.
+    """The UNet's extra keyword arguments at step `index` of `total`: the summed ControlNet residuals and the
+    T2I-Adapter features computed once per job (`models/control/adapter.py`), each (1, C, h, w), repeated to the
+    batch.
 
     latents: (B, C, h, w); embeds: (B, L, D). Controls outside their step range or at scale 0 are not run, so a
     job whose controls are all inactive equals the uncontrolled one exactly. Returns {} when none is active.
     """
+    extras: dict[str, Any] = {}
+    if adapter_features:
+        # The UNet pops from this list, so every call gets a new one.
+        extras["down_intrablock_additional_residuals"] = [
+            feature.expand(latents.shape[0], -1, -1, -1) for feature in adapter_features
+        ]
     down: list[torch.Tensor] | None = None
     mid: torch.Tensor | None = None
     for control in controls:
@@ -84,6 +98,6 @@ def residuals(
         )
         down = list(out[0]) if down is None else [a + b for a, b in zip(down, out[0], strict=True)]
         mid = out[1] if mid is None else mid + out[1]
-    if down is None:
-        return {}
-    return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    if down is not None:
+        extras |= {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    return extras

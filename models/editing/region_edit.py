@@ -166,4 +166,3 @@ def run(
             "unet_record_seconds": round(record_seconds, 4),
         },
     )
-

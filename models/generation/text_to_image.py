@@ -1,7 +1,8 @@
 """Text-to-image with latent diffusion (Rombach et al., CVPR 2022) and DDIM sampling.
 
 Implemented: classifier-free guidance, negative prompt, several images per prompt, ControlNets
-(`inputs["controls"]`, see `models/control/controlnet.py`).
+(`inputs["controls"]`, see `models/control/controlnet.py`) and T2I-Adapters (`inputs["adapters"]`,
+`models/control/adapter.py`).
 Not implemented: other samplers, img2img (see `models/editing/sdedit.py`).
 """
 
@@ -15,7 +16,8 @@ from models.common.components import Components, MethodOutput, ProgressCallback,
 from models.common.latents import decode, randn, tensor_to_images
 from models.common.sampling import ddim_sample
 from models.common.text import check_prompt, encode_prompts
-from models.control.controlnet import Control, check_controls
+from models.control.adapter import AdapterControl, adapter_features
+from models.control.controlnet import Control, check_condition, check_controls
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,10 @@ def run(
     check_prompt(components.tokenizer, params.prompt)
     check_prompt(components.tokenizer, params.negative_prompt, "negative_prompt")
     controls: list[Control] = list((inputs or {}).get("controls", []))  # type: ignore[call-overload]
+    adapters: list[AdapterControl] = list((inputs or {}).get("adapters", []))  # type: ignore[call-overload]
     check_controls(controls, params.width, params.height)
+    for index, adapter in enumerate(adapters):
+        check_condition(f"adapters[{index}]", adapter.scale, adapter.condition, params.width, params.height)
 
     # 2. Encode prompts
     batch = params.num_images
@@ -73,6 +78,7 @@ def run(
         params.guidance_scale,
         callback,
         controls,
+        adapter_features(adapters),
     )
 
     # 5. Decode

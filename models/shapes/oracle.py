@@ -344,9 +344,7 @@ def _template(shape: str, extent: float, frac_x: float, frac_y: float, blur: int
     return template, float(template @ template)
 
 
-def _best(
-    window: np.ndarray, keys: list[tuple[str, float, float, float, int]]
-) -> tuple[int, float, float, np.ndarray]:
+def _best(window: np.ndarray, keys: list[tuple[str, float, float, float, int]]) -> tuple[int, float, float, np.ndarray]:
     """Best template T for window (32, 32) on normalised correlation <window, T> / (|window| |T|):
     its index, that correlation, the least-squares amplitude a minimising |window - a T|, and the
     correlations of all keys (K,)."""
@@ -361,15 +359,15 @@ def _best(
 def _crop(values: np.ndarray, ox: int, oy: int) -> np.ndarray:
     """The (32, 32) window of a (64, 64) array whose top-left is (ox, oy); zero outside the image."""
     window = np.zeros((_WINDOW, _WINDOW), dtype=np.float32)
-    src = values[max(0, oy): oy + _WINDOW, max(0, ox): ox + _WINDOW]
-    window[max(0, -oy): max(0, -oy) + src.shape[0], max(0, -ox): max(0, -ox) + src.shape[1]] = src
+    src = values[max(0, oy) : oy + _WINDOW, max(0, ox) : ox + _WINDOW]
+    window[max(0, -oy) : max(0, -oy) + src.shape[0], max(0, -ox) : max(0, -ox) + src.shape[1]] = src
     return window
 
 
 def _paste(window: np.ndarray, ox: int, oy: int) -> np.ndarray:
     """Inverse of _crop: a (64, 64) array, zero except the (32, 32) window at (ox, oy)."""
     canvas = np.zeros((SIZE + 2 * _WINDOW, SIZE + 2 * _WINDOW), dtype=np.float64)
-    canvas[oy + _WINDOW: oy + 2 * _WINDOW, ox + _WINDOW: ox + 2 * _WINDOW] = window
+    canvas[oy + _WINDOW : oy + 2 * _WINDOW, ox + _WINDOW : ox + 2 * _WINDOW] = window
     return canvas[_WINDOW:-_WINDOW, _WINDOW:-_WINDOW]
 
 

@@ -46,9 +46,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )  # row-major 3x3 grid
 BACKGROUNDS: tuple[str, ...] = ("light", "dark", "striped")
 FILLS: tuple[str, ...] = ("solid", "checkered", "two-tone")
@@ -136,10 +142,22 @@ def unit_polygon(shape: str) -> np.ndarray:
         vertices = np.stack([x, y], axis=1)
     elif shape == "cross":
         a = 0.36  # arm half-width relative to the half-extent 1
-        vertices = np.array([
-            [-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
-            [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a],
-        ])
+        vertices = np.array(
+            [
+                [-a, -1],
+                [a, -1],
+                [a, -a],
+                [1, -a],
+                [1, a],
+                [a, a],
+                [a, 1],
+                [-a, 1],
+                [-a, a],
+                [-1, a],
+                [-1, -a],
+                [-a, -a],
+            ]
+        )
     else:
         raise ValueError(f"shape must be one of {ALL_SHAPES}, got {shape!r}")
     vertices = _normalize(vertices)
@@ -184,11 +202,7 @@ def _matches(obj: ShapeObject, combo: tuple[tuple[str, str], ...]) -> bool:
 
 def is_held_out_object(obj: ShapeObject) -> bool:
     """True if the object uses a held-out shape, a held-out fill or a held-out combination."""
-    return (
-        obj.shape in HELD_OUT_SHAPES
-        or obj.fill != "solid"
-        or any(_matches(obj, combo) for combo in HELD_OUT_COMBOS)
-    )
+    return obj.shape in HELD_OUT_SHAPES or obj.fill != "solid" or any(_matches(obj, combo) for combo in HELD_OUT_COMBOS)
 
 
 def is_held_out(scene: Scene) -> bool:
@@ -415,8 +429,8 @@ def parse_caption(text: str) -> Scene:
             at = tokens.index("at")
         except ValueError:
             raise ValueError(f"no 'at the <position>' in {chunk!r}") from None
-        head, position = tokens[:at], " ".join(tokens[at + 2:])
-        if len(head) < 3 or head[0] not in _ARTICLES or tokens[at + 1: at + 2] != ["the"]:
+        head, position = tokens[:at], " ".join(tokens[at + 2 :])
+        if len(head) < 3 or head[0] not in _ARTICLES or tokens[at + 1 : at + 2] != ["the"]:
             raise ValueError(f"not a canonical object phrase: {chunk!r}")
         size, middle, shape = head[1], head[2:-1], head[-1]
         if middle == ["two-tone"]:
