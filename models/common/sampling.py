@@ -3,7 +3,7 @@ SDEdit-style methods start from."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -11,10 +11,11 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from models.common.components import ProgressCallback, no_progress
-from models.control.controlnet import Control, residuals
+from models.control.inputs import ControlInputs
 
-# The UNet's extra keyword arguments at one step, from its input: (latents, timestep, embeds) -> kwargs.
-UnetExtras = Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor], dict[str, Any]]
+# The UNet's extra keyword arguments at one step, from its input: (latents, timestep, embeds, guided) -> kwargs,
+# where guided says the batch is [unconditional, conditional] halves.
+UnetExtras = Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor, bool], dict[str, Any]]
 
 
 def guided_noise(
@@ -32,10 +33,10 @@ def guided_noise(
     arguments to that pass computed from its own batch (ControlNet residuals).
     """
     if uncond is None or guidance_scale == 1.0:
-        kwargs = extras(latents, timestep, cond) if extras else {}
+        kwargs = extras(latents, timestep, cond, False) if extras else {}
         return unet(latents, timestep, encoder_hidden_states=cond, **kwargs).sample
     latents, embeds = torch.cat([latents, latents]), torch.cat([uncond, cond])
-    kwargs = extras(latents, timestep, embeds) if extras else {}
+    kwargs = extras(latents, timestep, embeds, True) if extras else {}
     both = unet(latents, timestep, encoder_hidden_states=embeds, **kwargs).sample
     eps_uncond, eps_cond = both.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -50,15 +51,17 @@ def ddim_sample(
     uncond: torch.Tensor | None,
     guidance_scale: float,
     callback: ProgressCallback = no_progress,
-    controls: Sequence[Control] = (),
-    adapter_features: Sequence[torch.Tensor] = (),
+    control: ControlInputs | None = None,
 ) -> torch.Tensor:
-    """Denoise `latents` (B, C, h, w) through `timesteps` with deterministic DDIM (eta = 0), with `controls`
-    (ControlNets) adding their residuals at the steps each covers and T2I-Adapter features at every step."""
+    """Denoise `latents` (B, C, h, w) through `timesteps` with deterministic DDIM (eta = 0), with `control`
+    (ControlNets, T2I-Adapters, GLIGEN grounding) adding its UNet arguments at the steps each covers."""
     total = len(timesteps)
     for index, timestep in enumerate(timesteps):
         model_input = scheduler.scale_model_input(latents, timestep)
-        extras = partial(residuals, controls, adapter_features, index, total) if controls or adapter_features else None
+        extras = None
+        if control:
+            control.step(index, total)
+            extras = partial(control.extras, index, total)
         noise = guided_noise(unet, model_input, timestep, cond, uncond, guidance_scale, extras)
         latents = scheduler.step(noise, timestep, latents).prev_sample
         callback(index + 1, total)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -58,46 +57,3 @@ def check_controls(controls: Sequence[Control], width: int, height: int) -> None
         check_condition(name, control.scale, control.condition, width, height)
         if not 0.0 <= control.start < control.end <= 1.0:
             raise ValueError(f"{name} needs 0 <= start < end <= 1, got start {control.start} and end {control.end}")
-
-
-def residuals(
-    controls: Sequence[Control],
-    adapter_features: Sequence[torch.Tensor],
-    index: int,
-    total: int,
-    latents: torch.Tensor,
-    timestep: torch.Tensor | int,
-    embeds: torch.Tensor,
-) -> dict[str, Any]:
-    """The UNet's extra keyword arguments at step `index` of `total`: the summed ControlNet residuals and the
-    T2I-Adapter features computed once per job (`models/control/adapter.py`), each (1, C, h, w), repeated to the
-    batch.
-
-    latents: (B, C, h, w); embeds: (B, L, D). Controls outside their step range or at scale 0 are not run, so a
-    job whose controls are all inactive equals the uncontrolled one exactly. Returns {} when none is active.
-    """
-    extras: dict[str, Any] = {}
-    if adapter_features:
-        # The UNet pops from this list, so every call gets a new one.
-        extras["down_intrablock_additional_residuals"] = [
-            feature.expand(latents.shape[0], -1, -1, -1) for feature in adapter_features
-        ]
-    down: list[torch.Tensor] | None = None
-    mid: torch.Tensor | None = None
-    for control in controls:
-        if control.scale == 0 or not control.active(index, total):
-            continue
-        condition = control.condition.expand(latents.shape[0], -1, -1, -1)
-        out = control.model(
-            latents,
-            timestep,
-            encoder_hidden_states=embeds,
-            controlnet_cond=condition,
-            conditioning_scale=control.scale,
-            return_dict=False,
-        )
-        down = list(out[0]) if down is None else [a + b for a, b in zip(down, out[0], strict=True)]
-        mid = out[1] if mid is None else mid + out[1]
-    if down is not None:
-        extras |= {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-    return extras

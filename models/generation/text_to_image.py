@@ -2,7 +2,7 @@
 
 Implemented: classifier-free guidance, negative prompt, several images per prompt, ControlNets
 (`inputs["controls"]`, see `models/control/controlnet.py`) and T2I-Adapters (`inputs["adapters"]`,
-`models/control/adapter.py`).
+`models/control/adapter.py`) and GLIGEN grounding (`inputs["grounding"]`, `models/control/gligen.py`).
 Not implemented: other samplers, img2img (see `models/editing/sdedit.py`).
 """
 
@@ -16,8 +16,7 @@ from models.common.components import Components, MethodOutput, ProgressCallback,
 from models.common.latents import decode, randn, tensor_to_images
 from models.common.sampling import ddim_sample
 from models.common.text import check_prompt, encode_prompts
-from models.control.adapter import AdapterControl, adapter_features
-from models.control.controlnet import Control, check_condition, check_controls
+from models.control.inputs import ControlInputs, control_inputs
 
 
 @dataclass(frozen=True)
@@ -50,12 +49,19 @@ def run(
         raise ValueError(f"steps must be at least 1, got {params.steps}")
     check_prompt(components.tokenizer, params.prompt)
     check_prompt(components.tokenizer, params.negative_prompt, "negative_prompt")
-    controls: list[Control] = list((inputs or {}).get("controls", []))  # type: ignore[call-overload]
-    adapters: list[AdapterControl] = list((inputs or {}).get("adapters", []))  # type: ignore[call-overload]
-    check_controls(controls, params.width, params.height)
-    for index, adapter in enumerate(adapters):
-        check_condition(f"adapters[{index}]", adapter.scale, adapter.condition, params.width, params.height)
+    with control_inputs(components, inputs or {}, params.width, params.height) as control:
+        return _generate(components, params, generator, callback, control)
 
+
+def _generate(
+    components: Components,
+    params: Params,
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    control: ControlInputs,
+) -> MethodOutput:
+    """Steps 2-5 of `run`, inside its control context."""
+    factor = components.vae_scale
     # 2. Encode prompts
     batch = params.num_images
     cond = encode_prompts(components.text_encoder, components.tokenizer, [params.prompt] * batch)
@@ -77,8 +83,7 @@ def run(
         uncond,
         params.guidance_scale,
         callback,
-        controls,
-        adapter_features(adapters),
+        control,
     )
 
     # 5. Decode

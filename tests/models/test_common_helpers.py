@@ -58,4 +58,3 @@ def test_training_tail_pieces() -> None:
     metrics = training_metrics(log, 10, started=0.0)
     assert list(metrics) == ["final_loss", "steps", "seconds", "train_seconds", "resumed_from"]
     assert metrics["train_seconds"] == 2.0
-

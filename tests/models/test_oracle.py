@@ -131,7 +131,9 @@ def test_input_forms_and_sizes() -> None:
     scene = Scene(objects)
     expected = read_scene(render(scene).image)
     assert _attributes(expected) == [
-        ("heart", "purple", "large", "top right", "solid"), ("star", "yellow", "small", "left", "solid"), ("light",)
+        ("heart", "purple", "large", "top right", "solid"),
+        ("star", "yellow", "small", "left", "solid"),
+        ("light",),
     ]
     assert read_scene(Image.fromarray(render(scene).image)) == expected
     assert _attributes(read_scene(render(scene, size=256).image)) == _attributes(expected)

@@ -107,7 +107,10 @@ def test_the_cached_model_is_unchanged_after_a_job_and_after_a_cancel(components
     image, mask, prompt = case()
     with pytest.raises(InterruptedError):
         region_edit.run(
-            components, region_edit.Params(prompt=prompt), {"image": image, "mask": mask}, generator=gen(0),
+            components,
+            region_edit.Params(prompt=prompt),
+            {"image": image, "mask": mask},
+            generator=gen(0),
             callback=cancel,
         )
     assert snapshot(components) == before

@@ -194,9 +194,7 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_all_shapes_render_distinct_masks() -> None:
-    masks = {
-        shape: render(Scene((ShapeObject(shape, "red", "large", "center"),))).masks[0] for shape in ALL_SHAPES
-    }
+    masks = {shape: render(Scene((ShapeObject(shape, "red", "large", "center"),))).masks[0] for shape in ALL_SHAPES}
     for first in ALL_SHAPES:
         for second in ALL_SHAPES:
             if first < second:
