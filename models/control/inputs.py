@@ -93,7 +93,8 @@ def control_inputs(
     for index, adapter in enumerate(adapters):
         check_condition(f"adapters[{index}]", adapter.scale, adapter.condition, width, height)
     if grounding is not None:
-        assert isinstance(grounding, Grounding)
+        if not isinstance(grounding, Grounding):
+            raise ValueError(f"grounding must be a Grounding, got {type(grounding).__name__}")
         check_grounding(components.unet, grounding)
     with gated_layers(components.unet) as gated:
         tokens = None

@@ -6,11 +6,14 @@ Implemented: the edit with DDIM and classifier-free guidance. The paper's guided
 same function with another input (Sec. 5): a crude colour-stroke painting becomes a realistic image,
 and a cut-and-paste composite is harmonised (inputs of both: `models/shapes/strokes.py`; measured by
 the bench group `sdedit`). Editing inside a mask: `models/editing/region_edit.py`.
+ControlNets, T2I-Adapters and GLIGEN grounding in `inputs` (as in `models/generation/text_to_image.py`) steer the
+denoising from t0; a ControlNet's step range counts the steps actually run.
 Not implemented: the paper's K-fold repetition of perturb-and-denoise (Algorithm 1 with K > 1).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,7 @@ from models.common.components import Components, MethodOutput, ProgressCallback,
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
 from models.common.sampling import ddim_sample, start_timesteps
 from models.common.text import check_prompt, encode_prompts
+from models.control.inputs import ControlInputs, control_inputs
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class Params:
 def run(
     components: Components,
     params: Params,
-    inputs: dict[str, Image.Image],
+    inputs: Mapping[str, object],
     *,
     generator: torch.Generator,
     callback: ProgressCallback = no_progress,
@@ -45,13 +49,27 @@ def run(
     if not 0.0 < params.strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {params.strength}")
     image = inputs["image"]
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image must be an image, got {type(image).__name__}")
     factor = components.vae_scale
     width, height = image.size
     if width % factor or height % factor:
         raise ValueError(f"image size must be a multiple of {factor}, got {width}x{height}")
     check_prompt(components.tokenizer, params.prompt)
     check_prompt(components.tokenizer, params.negative_prompt, "negative_prompt")
+    with control_inputs(components, inputs, width, height) as control:
+        return _edit(components, params, image, generator, callback, control)
 
+
+def _edit(
+    components: Components,
+    params: Params,
+    image: Image.Image,
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    control: ControlInputs,
+) -> MethodOutput:
+    """Steps 2-5 of `run`, inside its control context."""
     # 2. Encode prompt and image
     cond = encode_prompts(components.text_encoder, components.tokenizer, [params.prompt])
     uncond = encode_prompts(components.text_encoder, components.tokenizer, [params.negative_prompt])
@@ -65,7 +83,9 @@ def run(
     latents = scheduler.add_noise(clean, noise, timesteps[:1])
 
     # 4. Denoise from t0
-    latents = ddim_sample(components.unet, scheduler, latents, timesteps, cond, uncond, params.guidance_scale, callback)
+    latents = ddim_sample(
+        components.unet, scheduler, latents, timesteps, cond, uncond, params.guidance_scale, callback, control
+    )
 
     # 5. Decode
     output = tensor_to_images(decode(components.vae, latents))

@@ -13,6 +13,7 @@ from PIL import Image
 from models.common.components import Components
 from models.control.controlnet import Control, condition_tensor
 from models.control.preprocess import preprocess
+from models.editing import sdedit
 from models.generation import text_to_image
 from models.shapes.world import Scene, ShapeObject, render
 
@@ -139,3 +140,22 @@ def test_bad_controls_name_the_field(
     with pytest.raises(ValueError) as raised:
         generate(components, [control(components, controlnets[0], condition, **kwargs)], steps=1)
     assert message in str(raised.value)
+
+
+def test_controlnet_steers_sdedit_and_scale_zero_is_plain_sdedit(
+    components: Components, controlnets: list[ControlNetModel], edge_map: Image.Image
+) -> None:
+    source = Image.fromarray(
+        render(Scene((ShapeObject("circle", "red", "large", "center", "solid"),), "dark"), 64).image
+    )
+    params = sdedit.Params("a large red circle at the top left", strength=0.7, steps=6, guidance_scale=5.0)
+
+    def edit(controls: list[Control]) -> np.ndarray:
+        inputs = {"image": source, "controls": controls}
+        return pixels(sdedit.run(components, params, inputs, generator=gen(2)).images[0])
+
+    plain = edit([])
+    np.testing.assert_array_equal(edit([control(components, controlnets[0], edge_map, scale=0.0)]), plain)
+    assert np.abs(edit([control(components, controlnets[0], edge_map)]) - plain).max() > 8
+    with pytest.raises(ValueError, match=r"controls\[0\].condition size must match the image size 64x64, got 32x32"):
+        edit([control(components, controlnets[0], Image.new("RGB", (32, 32)))])
