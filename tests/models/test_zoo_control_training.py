@@ -1,0 +1,50 @@
+"""zoo/train_control.py: a ControlNet trained on the bundled base loads in the stock pipeline and resumes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from PIL import Image
+
+from models.shapes.world import parse_caption, render
+from tests.conftest import ZOO_MODEL
+from zoo.runs import latest_checkpoint
+from zoo.train_control import ControlTrainParams, render_conditioned, train_controlnet
+
+
+def test_conditions_are_the_scenes_edges_and_masks() -> None:
+    images, edges, captions = render_conditioned(4, 3, "canny")
+    _, masks, again = render_conditioned(4, 3, "mask")
+    assert captions == again and images.shape == edges.shape == masks.shape == (4, 64, 64, 3)
+    for index, text in enumerate(captions):
+        rendered = render(parse_caption(text))
+        np.testing.assert_array_equal(images[index], rendered.image)
+        np.testing.assert_array_equal(masks[index, ..., 0] > 0, rendered.masks.any(axis=0))
+        assert set(np.unique(edges[index])) <= {0, 255} and edges[index].any()
+    with pytest.raises(ValueError, match="condition must be one of"):
+        render_conditioned(1, 0, "depth")
+
+
+def test_trains_saves_in_diffusers_format_and_resumes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    torch.set_num_threads(1)
+    params = ControlTrainParams(steps=2, batch_size=2, n_scenes=8, checkpoint_every=1, warmup=1)
+    out, work = tmp_path / "controlnet", tmp_path / "work"
+    train_controlnet(ZOO_MODEL, out, work, params, resume=False)
+    assert latest_checkpoint(work) is not None and latest_checkpoint(work).name == "ckpt-0000002.pt"  # type: ignore[union-attr]
+    controlnet = ControlNetModel.from_pretrained(str(out))
+    zero_conv = controlnet.controlnet_mid_block.weight
+    assert zero_conv.abs().sum() > 0  # the zero convolution has learned
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(str(ZOO_MODEL), controlnet=controlnet, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", image=Image.new("RGB", (64, 64)), num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    longer = ControlTrainParams(steps=3, batch_size=2, n_scenes=8, checkpoint_every=1, warmup=1)
+    with caplog.at_level(logging.INFO, logger="zoo.train_control"):
+        train_controlnet(ZOO_MODEL, out, work, longer, resume=True)
+    assert "ckpt-0000002.pt at step 2" in caplog.text  # it continued, it did not start again
+    assert latest_checkpoint(work).name == "ckpt-0000003.pt"  # type: ignore[union-attr]

@@ -1,0 +1,200 @@
+"""Train a ShapesWorld ControlNet on an exported base model: ``python zoo/train_control.py --condition canny``.
+
+A ControlNet (Zhang et al. 2023) is copied from the base UNet's encoder (zero convolutions at zero) and trained
+with the base's epsilon loss while the base UNet and text encoder stay frozen; half the captions are dropped
+(sec. 3.2), so the model learns to read the condition alone. Conditions come from the world:
+
+    canny  the Canny edges of the rendered scene (models/control/preprocess.py, as a user's photo gets them)
+    mask   the union of the objects' masks, white on black
+
+The base is any diffusers folder (``--base``, the bundled zoo by default); retraining the base means running this
+again with the same command. The output is a diffusers ``ControlNetModel`` folder that loads in
+``StableDiffusionControlNetPipeline``. Checkpoints (``--work``) make a run resumable (``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from models.control.preprocess import preprocess  # noqa: E402
+from models.shapes.world import caption, render, sample_scene  # noqa: E402
+from zoo.data import encode_latents  # noqa: E402
+from zoo.runs import (  # noqa: E402
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    warmup_cosine_lr,
+)
+from zoo.train_unet import alphas_cumprod, sample_timesteps  # noqa: E402
+
+logger = logging.getLogger("zoo.train_control")
+CONDITIONS = ("canny", "mask")
+
+
+@dataclass(frozen=True)
+class ControlTrainParams:
+    condition: str = "canny"
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3  # the paper's 1e-5 is for a 361M-parameter copy; the tiny copy takes a larger step
+    warmup: int = 100
+    caption_dropout: float = 0.5  # sec. 3.2: half the prompts replaced by empty strings
+    n_scenes: int = 8000
+    seed: int = 0
+    checkpoint_every: int = 250
+
+
+def render_conditioned(n_scenes: int, seed: int, condition: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Scenes of the train split: images (N, 64, 64, 3) uint8, conditions (N, 64, 64, 3) uint8, captions."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+    rng = np.random.default_rng([seed, 7])
+    images = np.empty((n_scenes, 64, 64, 3), dtype=np.uint8)
+    conditions = np.empty_like(images)
+    captions: list[str] = []
+    for index in range(n_scenes):
+        scene = sample_scene(rng, split="train")
+        rendered = render(scene)
+        images[index] = rendered.image
+        if condition == "canny":
+            conditions[index] = preprocess("canny", rendered.image)
+        else:
+            conditions[index] = (rendered.masks.any(axis=0)[..., None] * 255).astype(np.uint8)
+        captions.append(caption(scene))
+    return images, conditions, captions
+
+
+def controlnet_for(unet: UNet2DConditionModel, latent_factor: int) -> ControlNetModel:
+    """A ControlNet copied from `unet`, its condition embedding downsampling by the VAE's factor."""
+    levels = int(np.log2(latent_factor)) + 1
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(16 * 2**i for i in range(levels)))
+
+
+def train_controlnet(base: Path, out: Path, work: Path, params: ControlTrainParams, resume: bool) -> ControlNetModel:
+    """Train a ControlNet for the base model in `base`; save it (diffusers format) to `out`."""
+    # 1. The frozen base and the data: latents of the scenes, their conditions and token ids
+    unet = UNet2DConditionModel.from_pretrained(str(base / "unet")).requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(str(base / "vae")).requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(str(base / "text_encoder")).requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    images, conditions, captions = render_conditioned(params.n_scenes, params.seed, params.condition)
+    latents = encode_latents(vae, images) * vae.config.scaling_factor
+    factor = images.shape[1] // latents.shape[-1]
+    ids = tokenizer(
+        captions + [""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    with torch.no_grad():
+        hidden = torch.cat([text_encoder(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
+    empty, hidden = hidden[-1], hidden[:-1]
+    condition_pixels = torch.from_numpy(conditions).permute(0, 3, 1, 2)  # uint8, scaled per batch
+
+    # 2. The ControlNet, its optimizer, and a resume
+    torch.manual_seed(params.seed)
+    controlnet = controlnet_for(unet, factor).train()
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=params.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(params.seed)
+    numpy_rng = np.random.default_rng([params.seed, 11])
+    start = 0
+    checkpoint = latest_checkpoint(work) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        controlnet.load_state_dict(state["controlnet"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], numpy_rng, generator)
+        start = state["step"]
+        logger.info("resumed from %s at step %d", checkpoint, start)
+    alpha_bar = alphas_cumprod()
+    logger.info(
+        "ControlNet params %s, %d trainable parameters", asdict(params), sum(p.numel() for p in controlnet.parameters())
+    )
+
+    # 3. Train: the base's epsilon loss with the ControlNet's residuals added
+    tick, running = time.monotonic(), 0.0
+    for step in range(start, params.steps):
+        index = numpy_rng.integers(0, len(latents), params.batch_size)
+        drop = torch.from_numpy(numpy_rng.random(params.batch_size) < params.caption_dropout)
+        embeds = torch.where(drop[:, None, None], empty[None], hidden[index])
+        timesteps = sample_timesteps(params.batch_size, 0.0, generator)
+        noise = torch.randn(params.batch_size, *latents.shape[1:], generator=generator)
+        scale = alpha_bar[timesteps].view(-1, 1, 1, 1)
+        noisy = scale.sqrt() * latents[index] + (1 - scale).sqrt() * noise
+        cond = condition_pixels[index].float() / 255.0
+        down, mid = controlnet(noisy, timesteps, embeds, controlnet_cond=cond, return_dict=False)
+        prediction = unet(
+            noisy, timesteps, embeds, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
+        loss = (prediction - noise).pow(2).mean()
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine_lr(step, params.lr, params.warmup, params.steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        optimizer.step()
+        running += loss.item()
+        done = step + 1
+        if done % 50 == 0:
+            logger.info("step %d loss %.5f (%.1f s)", done, running / 50, time.monotonic() - tick)
+            running = 0.0
+        if done % params.checkpoint_every == 0 or done == params.steps:
+            save_checkpoint(
+                work,
+                done,
+                {
+                    "controlnet": controlnet.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng_state(numpy_rng, generator),
+                },
+            )
+
+    # 4. Save in diffusers' format
+    controlnet.eval().save_pretrained(str(out), safe_serialization=True)
+    logger.info("saved %s", out)
+    return controlnet
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--condition", choices=CONDITIONS, default="canny")
+    parser.add_argument("--base", default=str(REPO_ROOT / "zoo" / "shapes-sd-tiny"))
+    parser.add_argument("--out", default=None, help="default: zoo/shapes-controlnet-<condition>")
+    parser.add_argument("--work", default=None, help="checkpoints; default: zoo/_runs/controlnet-<condition>")
+    parser.add_argument("--steps", type=int, default=ControlTrainParams.steps)
+    parser.add_argument("--batch-size", type=int, default=ControlTrainParams.batch_size)
+    parser.add_argument("--n-scenes", type=int, default=ControlTrainParams.n_scenes)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    params = ControlTrainParams(
+        condition=args.condition, steps=args.steps, batch_size=args.batch_size, n_scenes=args.n_scenes
+    )
+    out = Path(args.out or REPO_ROOT / "zoo" / f"shapes-controlnet-{args.condition}")
+    work = Path(args.work or REPO_ROOT / "zoo" / "_runs" / f"controlnet-{args.condition}")
+    train_controlnet(Path(args.base), out, work, params, args.resume)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
