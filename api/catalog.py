@@ -1,20 +1,61 @@
-"""Base models on disk: diffusers-format folders under the models directory (read as JSON, no torch)."""
+"""Models on disk, read as JSON (no torch): diffusers-format base model folders (a `model_index.json`) and control
+model folders (a `config.json` of a `ControlNetModel` or `T2IAdapter`) under the models directory."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
-from api.schemas import ModelOut
+from api.schemas import ModelKind, ModelOut
 from contract.spec import ModelCapability
 
+CONTROL_CLASSES: dict[str, ModelKind] = {"ControlNetModel": "controlnet", "T2IAdapter": "t2i-adapter"}
 
-def _read_json(path: Path) -> dict[str, object]:
+# (cross-attention width, UNet channels) of the released Stable Diffusion families.
+KNOWN_FAMILIES = {
+    (768, (320, 640, 1280, 1280)): "sd1",
+    (1024, (320, 640, 1280, 1280)): "sd2",
+    (2048, (320, 640, 1280)): "sdxl",
+}
+ADAPTER_FAMILIES = {(320, 640, 1280, 1280): "sd1", (320, 640, 1280): "sdxl"}  # a T2I-Adapter has no text width
+
+# Condition types guessed from a control model's folder name when it carries no `atelier.json`.
+CONDITION_WORDS = ("canny", "depth", "seg", "mask", "scribble", "sketch", "openpose", "mlsd", "lineart", "normal")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _channels(config: dict[str, Any], key: str) -> tuple[int, ...]:
+    value = config.get(key)
+    return tuple(value) if isinstance(value, list) else ()
+
+
+def family(config: dict[str, Any]) -> str:
+    """The family of a UNet's or ControlNet's config (or a T2I-Adapter's, by its channels)."""
+    if config.get("_class_name") == "T2IAdapter":
+        return ADAPTER_FAMILIES.get(_channels(config, "channels"), "custom")
+    width = config.get("cross_attention_dim")
+    if not isinstance(width, int):
+        return "custom"
+    return KNOWN_FAMILIES.get((width, _channels(config, "block_out_channels")), "custom")
+
+
+def _is_base(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file()
+
+
+def _control_kind(folder: Path) -> ModelKind | None:
+    if _is_base(folder):
+        return None
+    return CONTROL_CLASSES.get(str(_read_json(folder / "config.json").get("_class_name")))
 
 
 def describe(folder: Path, default_name: str) -> ModelOut:
@@ -29,11 +70,14 @@ def describe(folder: Path, default_name: str) -> ModelOut:
         capabilities.append("text-to-image")
     if unet.get("cross_attention_dim"):
         capabilities.append("cross-attention")
+    if str(unet.get("attention_type", "")).startswith("gated"):
+        capabilities.append("gligen")
     sample = unet.get("sample_size")
     blocks = vae.get("block_out_channels")
     factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) else None
     return ModelOut(
         name=folder.name,
+        family=family(unet),
         default=folder.name == default_name,
         pipeline=str(index.get("_class_name")) if index else None,
         capabilities=capabilities,
@@ -42,25 +86,86 @@ def describe(folder: Path, default_name: str) -> ModelOut:
     )
 
 
+def describe_control(folder: Path, kind: ModelKind) -> ModelOut:
+    """A control model; its condition type and base model come from an optional `atelier.json` beside its config
+    (the zoo's trainers write one), else the condition is guessed from the folder's name."""
+    config = _read_json(folder / "config.json")
+    notes = _read_json(folder / "atelier.json")
+    condition = notes.get("condition")
+    if not isinstance(condition, str):
+        name = folder.name.lower()
+        condition = next((word for word in CONDITION_WORDS if re.search(rf"(^|[^a-z]){word}", name)), "unknown")
+    base_model = notes.get("base_model")
+    return ModelOut(
+        name=folder.name,
+        kind=kind,
+        family=family(config),
+        condition=condition,
+        base_model=base_model if isinstance(base_model, str) else None,
+        default=False,
+        pipeline=str(config.get("_class_name")),
+        capabilities=[],
+        unet_in_channels=None,
+        sample_size=None,
+    )
+
+
 def list_models(models_dir: Path, default_name: str) -> list[ModelOut]:
-    """Every folder with a `model_index.json`, the default first."""
+    """Every base model (the default first), then every control model, each by name."""
     if not models_dir.is_dir():
         return []
-    found = [describe(p, default_name) for p in sorted(models_dir.iterdir()) if (p / "model_index.json").is_file()]
-    return sorted(found, key=lambda m: (not m.default, m.name))
+    folders = sorted(p for p in models_dir.iterdir() if p.is_dir())
+    bases = [describe(p, default_name) for p in folders if _is_base(p)]
+    controls = [describe_control(p, kind) for p in folders if (kind := _control_kind(p)) is not None]
+    return sorted(bases, key=lambda m: (not m.default, m.name)) + controls
+
+
+def _folder(models_dir: Path, name: str) -> Path | None:
+    if "/" in name or "\\" in name or name.startswith("."):
+        return None
+    return models_dir / name
 
 
 def find_model(models_dir: Path, name: str, default_name: str) -> ModelOut | None:
-    if "/" in name or name.startswith("."):
+    """A base model by name."""
+    folder = _folder(models_dir, name)
+    return describe(folder, default_name) if folder is not None and _is_base(folder) else None
+
+
+def find_control(models_dir: Path, name: str) -> ModelOut | None:
+    """A control model by name."""
+    folder = _folder(models_dir, name)
+    kind = _control_kind(folder) if folder is not None else None
+    return describe_control(folder, kind) if folder is not None and kind is not None else None
+
+
+# Config fields a ControlNet must share with the UNet for its residuals to fit the UNet's skip connections.
+CONTROLNET_FIT = ("cross_attention_dim", "block_out_channels", "layers_per_block", "down_block_types", "in_channels")
+
+
+def control_misfit(models_dir: Path, control: str, base: str) -> str | None:
+    """Why control model `control` cannot run on base model `base` (both exist), or None when it fits: a ControlNet
+    must copy the UNet's encoder structure, a T2I-Adapter must give one feature map per encoder level with its
+    channels."""
+    unet = _read_json(models_dir / base / "unet" / "config.json")
+    config = _read_json(models_dir / control / "config.json")
+    if config.get("_class_name") == "T2IAdapter":
+        theirs, ours = _channels(config, "channels"), _channels(unet, "block_out_channels")
+        if theirs != ours:
+            return f"its channels {list(theirs)} are not the base's encoder channels {list(ours)}"
         return None
-    folder = models_dir / name
-    return describe(folder, default_name) if (folder / "model_index.json").is_file() else None
+    for key in CONTROLNET_FIT:
+        if config.get(key) != unet.get(key):
+            return f"its {key} is {config.get(key)!r}, the base's is {unet.get(key)!r}"
+    if config.get("addition_embed_type"):
+        return "SDXL ControlNets (added text-time conditioning) are not supported yet"
+    return None
 
 
 def model_for(models_dir: Path, default_name: str, requires: tuple[ModelCapability, ...]) -> str:
     """The model a job runs on when it names none: the default, or else the first model (default first, then by
     name) that has every capability the method requires; the default when none has them (the caller's 422)."""
     for model in list_models(models_dir, default_name):
-        if all(c in model.capabilities for c in requires):
+        if model.kind == "base" and all(c in model.capabilities for c in requires):
             return model.name
     return default_name

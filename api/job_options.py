@@ -12,9 +12,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.catalog import find_model, model_for
+from api.catalog import control_misfit, find_control, find_model, model_for
 from api.errors import invalid, not_found
-from contract.params.common import AdapterRef, JobRequest
+from contract.params.common import AdapterRef, ControlledRequest, JobRequest
 from contract.spec import MethodSpec
 from store.adapters import get_adapter
 from store.settings import Settings
@@ -28,6 +28,8 @@ class JobOptions:
     seed: int
     adapters: list[dict[str, Any]] = field(default_factory=list)  # [{"id", "scale", "type"}], in request order
     callback_url: str | None = None
+    controls: list[dict[str, Any]] = field(default_factory=list)  # ControlRef dumps; conditions still as sent
+    grounding: dict[str, Any] | None = None  # {"boxes": [{"phrase", "box"}], "fraction"}
 
 
 def resolve_model(spec: MethodSpec, name: str | None, settings: Settings) -> str:
@@ -58,6 +60,48 @@ def resolve_adapters(session: Session, tenant_id: str, refs: list[AdapterRef], m
     return resolved
 
 
+def resolve_controls(request: JobRequest, model_name: str, settings: Settings) -> list[dict[str, Any]]:
+    """Each control model must exist and fit the job's base model; a T2I-Adapter takes no step range."""
+    if not isinstance(request, ControlledRequest):
+        return []
+    base = find_model(settings.models_dir, model_name, settings.default_model)
+    resolved = []
+    for index, ref in enumerate(request.controls):
+        name = f"controls[{index}].model"
+        control = find_control(settings.models_dir, ref.model)
+        if control is None:
+            raise invalid(name, f"control model {ref.model!r} not found (GET /v1/models lists them)")
+        misfit = control_misfit(settings.models_dir, ref.model, model_name)
+        if misfit is not None:
+            family = base.family if base is not None else "unknown"
+            raise invalid(
+                name,
+                f"{ref.model} ({control.kind}, family {control.family}) does not fit base model {model_name} "
+                f"(family {family}): {misfit}",
+            )
+        if control.kind == "t2i-adapter" and (ref.start, ref.end) != (0.0, 1.0):
+            raise invalid(
+                f"controls[{index}].start", "a T2I-Adapter acts on every step: start and end are ControlNets'"
+            )
+        resolved.append(ref.model_dump(mode="json"))
+    return resolved
+
+
+def resolve_grounding(request: JobRequest, model_name: str, settings: Settings) -> dict[str, Any] | None:
+    """Grounding needs a base model with GLIGEN's gated layers."""
+    if not isinstance(request, ControlledRequest) or not request.grounding:
+        return None
+    base = find_model(settings.models_dir, model_name, settings.default_model)
+    if base is None or "gligen" not in base.capabilities:
+        raise invalid(
+            "grounding", f"base model {model_name} has no GLIGEN layers (capability `gligen` in GET /v1/models)"
+        )
+    return {
+        "boxes": [box.model_dump(mode="json") for box in request.grounding],
+        "fraction": request.grounding_fraction,
+    }
+
+
 def resolve_options(
     spec: MethodSpec, request: JobRequest, tenant_id: str, session: Session, settings: Settings
 ) -> JobOptions:
@@ -68,4 +112,6 @@ def resolve_options(
         seed=request.seed,
         adapters=resolve_adapters(session, tenant_id, request.adapters, model),
         callback_url=str(request.callback_url) if request.callback_url else None,
+        controls=resolve_controls(request, model, settings),
+        grounding=resolve_grounding(request, model, settings),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,17 +28,23 @@ from worker.celery_app import publish_job
 
 log = logging.getLogger("atelier.api")
 
-ImagePosition = tuple[str, int] | None
-"""Where an image sits in the params: None for a single-image field, (field, index) in a list field."""
+
+@dataclass
+class ImageRef:
+    """One image of the request: its name as the client sees it (`image`, `images[2]`, `controls[0].condition`),
+    its value (a file id or base64), and where a stored inline image's file id goes."""
+
+    name: str
+    value: Any
+    place: Callable[[str], None]
+    any_size: bool = False  # a condition a preprocessor resizes: its sides need not be multiples of 8
 
 
 @dataclass
 class InlineImage:
     """A base64 image of the request, checked, to be stored as an input file when the row is written."""
 
-    name: str  # the field as the client sees it: `image`, `images[2]`
-    field: str
-    position: ImagePosition
+    ref: ImageRef
     checked: CheckedImage
 
 
@@ -86,7 +93,9 @@ def create_job(
     options = resolve_options(spec, request, tenant.id, session, settings)
     # 2. The images: existing file ids are checked; base64 is validated (stored in step 3).
     params: dict[str, Any] = request.method_params()
-    images = resolve_images(spec, params, tenant.id, session, settings)
+    images = resolve_images(_image_refs(spec, params) + _condition_refs(options), tenant.id, session, settings)
+    _check_same_size(spec, images.sizes)
+    _check_condition_sizes(spec, params, options, images.sizes)
     # 3. Inline images and the row in one transaction.
     try:
         job = _write_job(spec, options, params, images, tenant, idempotency_key, digest, session, artifacts, settings)
@@ -101,24 +110,41 @@ def create_job(
     return job, True
 
 
-def _image_refs(spec: MethodSpec, params: dict[str, Any]) -> list[tuple[str, str, ImagePosition, Any]]:
-    """Every image the request gives: (name as the client sees it, field, position, value)."""
-    refs: list[tuple[str, str, ImagePosition, Any]] = [(f, f, None, params.get(f)) for f in spec.image_fields]
+def _image_refs(spec: MethodSpec, params: dict[str, Any]) -> list[ImageRef]:
+    """Every image of the method's params; a stored inline image's file id replaces its base64 in `params`."""
+
+    def setter(container: Any, key: Any) -> Callable[[str], None]:
+        return lambda file_id: container.__setitem__(key, file_id)
+
+    refs = [ImageRef(f, params[f], setter(params, f)) for f in spec.image_fields if params.get(f) is not None]
     refs += [
-        (f"{name}[{index}]", name, (name, index), value)
+        ImageRef(f"{name}[{index}]", value, setter(params[name], index))
         for name in spec.image_list_fields
         for index, value in enumerate(params.get(name) or [])
     ]
-    return [ref for ref in refs if ref[3] is not None]
+    return refs
 
 
-def resolve_images(
-    spec: MethodSpec, params: dict[str, Any], tenant_id: str, session: Session, settings: Settings
-) -> ImageInputs:
-    """Check every image of the request: a file id must be the tenant's image; base64 must decode to an image
-    within the limits; sides must be multiples of 8, and the spec's `same_size` pairs must match."""
+def _condition_refs(options: JobOptions) -> list[ImageRef]:
+    """The condition image of each control; a preprocessor resizes its image, so any size may come in."""
+
+    def setter(control: dict[str, Any]) -> Callable[[str], None]:
+        return lambda file_id: control.__setitem__("condition", file_id)
+
+    return [
+        ImageRef(
+            f"controls[{index}].condition", control["condition"], setter(control), control["preprocessor"] != "none"
+        )
+        for index, control in enumerate(options.controls)
+    ]
+
+
+def resolve_images(refs: list[ImageRef], tenant_id: str, session: Session, settings: Settings) -> ImageInputs:
+    """Check every image: a file id must be the tenant's image; base64 must decode to an image within the limits;
+    sides must be multiples of 8 (except where a preprocessor resizes the image)."""
     images = ImageInputs()
-    for name, field_name, position, value in _image_refs(spec, params):
+    for ref in refs:
+        name, value = ref.name, ref.value
         if isinstance(value, str) and value.startswith("file_"):
             row = get_file(session, tenant_id, value)
             if row is None:
@@ -132,11 +158,10 @@ def resolve_images(
                 decode_base64(str(value), name), settings.max_image_pixels, settings.max_image_side, name
             )
             width, height = checked.width, checked.height
-            images.inline.append(InlineImage(name, field_name, position, checked))
-        if width % 8 or height % 8:
+            images.inline.append(InlineImage(ref, checked))
+        if not ref.any_size and (width % 8 or height % 8):
             raise invalid(name, f"image sides must be multiples of 8, got {width}x{height}")
         images.sizes[name] = (width, height)
-    _check_same_size(spec, images.sizes)
     return images
 
 
@@ -145,6 +170,35 @@ def _check_same_size(spec: MethodSpec, sizes: dict[str, tuple[int, int]]) -> Non
         if name in sizes and other in sizes and sizes[name] != sizes[other]:
             (w, h), (ow, oh) = sizes[name], sizes[other]
             raise invalid(name, f"{name} is {w}x{h}, the {other} is {ow}x{oh}: they must be the same size")
+
+
+ASPECT_TOLERANCE = 0.01
+
+
+def _check_condition_sizes(
+    spec: MethodSpec, params: dict[str, Any], options: JobOptions, sizes: dict[str, tuple[int, int]]
+) -> None:
+    """A ready condition (preprocessor `none`) must have the size of the image the job makes; an image a
+    preprocessor resizes to that size must have its aspect ratio (within 1%), so nothing is stretched."""
+    if not options.controls or spec.control_size is None:
+        return
+    if isinstance(spec.control_size, tuple):
+        target = (int(params[spec.control_size[0]]), int(params[spec.control_size[1]]))
+    else:
+        target = sizes[spec.control_size]
+    for index, control in enumerate(options.controls):
+        name = f"controls[{index}].condition"
+        (w, h), (tw, th) = sizes[name], target
+        if control["preprocessor"] == "none" and (w, h) != target:
+            raise invalid(
+                name,
+                f"the condition is {w}x{h}, the image this job makes is {tw}x{th}: they must be the same size "
+                "(or name a preprocessor, which resizes)",
+            )
+        if abs((w / h) / (tw / th) - 1) > ASPECT_TOLERANCE:
+            raise invalid(
+                name, f"the image is {w}x{h}, the job makes {tw}x{th}: the aspect ratios differ, it would be stretched"
+            )
 
 
 def _write_job(
@@ -163,7 +217,7 @@ def _write_job(
     anything fails the transaction is rolled back and the stored bytes are removed again."""
     written: list[str] = []  # artifact keys of the inline images stored so far
     try:
-        inline_ids = _store_inline_images(images.inline, params, tenant.id, session, artifacts, written)
+        inline_ids = _store_inline_images(images.inline, tenant.id, session, artifacts, written)
         job = Job(
             id=new_id("job"),
             tenant_id=tenant.id,
@@ -172,6 +226,8 @@ def _write_job(
             model=options.model,
             seed=options.seed,
             adapters=options.adapters,
+            controls=options.controls,
+            grounding=options.grounding,
             params=params,
             input_file_ids=images.file_ids + inline_ids,
             max_attempts=settings.job_max_attempts,
@@ -192,12 +248,7 @@ def _write_job(
 
 
 def _store_inline_images(
-    inline: list[InlineImage],
-    params: dict[str, Any],
-    tenant_id: str,
-    session: Session,
-    artifacts: ArtifactStore,
-    written: list[str],
+    inline: list[InlineImage], tenant_id: str, session: Session, artifacts: ArtifactStore, written: list[str]
 ) -> list[str]:
     """Store each inline image as an input file and put its file id where the base64 was; returns the ids.
 
@@ -209,10 +260,7 @@ def _store_inline_images(
             session, artifacts, tenant_id, checked.data, checked.content_type, (checked.width, checked.height), "inline"
         )
         written.append(row.key)
-        if image.position is None:
-            params[image.field] = row.id
-        else:
-            params[image.position[0]][image.position[1]] = row.id
+        image.ref.place(row.id)
         ids.append(row.id)
     return ids
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -58,8 +58,25 @@ class MethodOut(BaseModel):
     parameters: dict[str, Any] = Field(description="JSON schema of the request body.")
 
 
+ModelKind = Literal["base", "controlnet", "t2i-adapter"]
+
+
 class ModelOut(BaseModel):
     name: str
+    kind: ModelKind = Field(
+        default="base",
+        description="`base`: a diffusion model jobs run on; `controlnet`, `t2i-adapter`: a control "
+        "model named in a job's `controls`.",
+    )
+    family: str = Field(
+        default="custom",
+        description="The base architecture: `sd1`, `sd2`, `sdxl`, or `custom` (the zoo's); a control model works "
+        "only on a base of its own structure.",
+    )
+    condition: str | None = Field(
+        default=None, description="A control model's condition type (`canny`, `mask`, `sketch`...); null for a base."
+    )
+    base_model: str | None = Field(default=None, description="A control model's base model, where it records one.")
     default: bool
     pipeline: str | None
     capabilities: list[ModelCapability]

@@ -34,16 +34,36 @@ class JobAdapter(BaseModel):
     type: AdapterType
 
 
+def request_params(job: Job) -> dict[str, Any]:
+    """The job's request body again: the method's params with the job options that were given."""
+    params: dict[str, Any] = {**job.params, "seed": job.seed}
+    if job.adapters:
+        params["adapters"] = job.adapters
+    if job.controls:
+        params["controls"] = job.controls
+    if job.grounding:
+        params["grounding"] = job.grounding["boxes"]
+        params["grounding_fraction"] = job.grounding["fraction"]
+    return params
+
+
 class JobOut(BaseModel):
     id: str
     kind: str
     model: str
     seed: int = Field(description="Seed of the job's random generator.")
     adapters: list[JobAdapter] = Field(description="The adapters the job runs with, in the request's order.")
+    controls: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The ControlNets and T2I-Adapters the job runs with, as requested (conditions as file ids).",
+    )
+    grounding: dict[str, Any] | None = Field(
+        default=None, description="GLIGEN grounding: `boxes` (phrase and box each) and `fraction`; null if none."
+    )
     state: str = Field(description="queued -> running -> succeeded | failed | canceled")
     params: dict[str, Any] = Field(
         description="The request's parameters as the job runs them (inline images replaced by their file ids), "
-        "with `seed` and, where given, `adapters`."
+        "with `seed` and, where given, `adapters`, `controls`, `grounding` and `grounding_fraction`."
     )
     progress: Progress
     attempts: int
@@ -72,7 +92,9 @@ class JobOut(BaseModel):
             seed=job.seed,
             adapters=[JobAdapter.model_validate(adapter) for adapter in job.adapters],
             state=job.state,
-            params={**job.params, "seed": job.seed, **({"adapters": job.adapters} if job.adapters else {})},
+            controls=job.controls,
+            grounding=job.grounding,
+            params=request_params(job),
             progress=Progress(step=job.progress_step, total=job.progress_total),
             attempts=job.attempts,
             max_attempts=job.max_attempts,

@@ -11,8 +11,9 @@ IMAGE_FIELD_MARK = "atelier-image"
 IMAGE_LIST_FIELD_MARK = "atelier-image-list"
 
 Queue = Literal["inference", "training"]
-ModelCapability = Literal["unet", "text-to-image", "instruct-pix2pix", "cross-attention"]
-"""What a base model can do (`GET /v1/models`); a method `requires` some of them."""
+ModelCapability = Literal["unet", "text-to-image", "instruct-pix2pix", "cross-attention", "gligen"]
+"""What a base model can do (`GET /v1/models`); a method `requires` some of them. `gligen`: its UNet has GLIGEN's
+gated self-attention layers, so jobs on it take `grounding`."""
 
 AdapterUse = Literal["install", "inputs", "none"]
 """What a job does with its `adapters`: `install` them on the base model while the method runs (most methods);
@@ -44,6 +45,9 @@ class MethodSpec:
     regularisation images), which the worker generates once and keeps for every later job that asks the same."""
     same_size: tuple[tuple[str, str], ...] = ()
     """Pairs of image fields that must have the same size (checked when the job is created: a 422)."""
+    control_size: tuple[str, str] | str | None = None
+    """The method takes `controls` and `grounding` (its request is a `ControlledRequest`); where the size of the
+    image it makes comes from, which a condition must match: the (width, height) params, or an image field."""
 
     @property
     def path(self) -> str:

@@ -119,6 +119,10 @@ class Job(Base):
     # the adapters [{"id", "scale", "type"}] installed while it runs (or read, for a merge).
     seed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     adapters: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
+    # Spatial controls: [{"model", "condition" (a file id), "preprocessor", thresholds, "scale", "start", "end"}]
+    # as requested, and GLIGEN grounding {"boxes": [{"phrase", "box"}], "fraction"} or null.
+    controls: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
+    grounding: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=None)
     input_file_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
     output_file_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

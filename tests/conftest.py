@@ -47,6 +47,14 @@ def _reset_broker(url: str) -> None:
         redis.Redis.from_url(url).flushdb()
 
 
+def _test_models(out: Path) -> Path:
+    """The zoo's base models and the untrained test control models (tests/control_models.py), in one folder."""
+    from tests.control_models import write_test_models
+
+    write_test_models(ZOO_MODEL.parent, ZOO_MODEL.name, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def env_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment that configures every process of the test run (API, worker, helpers)."""
@@ -58,7 +66,7 @@ def env_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "CELERY_BROKER_URL": broker_url,
         "ATELIER_BROKER_DIR": str(base / "broker"),
         "ATELIER_ARTIFACTS_DIR": str(base / "artifacts"),
-        "ATELIER_MODELS_DIR": os.environ.get("ATELIER_TEST_MODELS_DIR", str(ZOO_MODEL.parent)),
+        "ATELIER_MODELS_DIR": os.environ.get("ATELIER_TEST_MODELS_DIR") or str(_test_models(base / "models")),
         "ATELIER_ADMIN_KEY": ADMIN_KEY,
         "ATELIER_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "ATELIER_JOB_LEASE_SECONDS": "3",

@@ -37,6 +37,7 @@ from store.files import get_file, store_output
 from store.jobs import ClaimReason, claim, finish, heartbeat
 from store.settings import Settings
 from store.tables import Job, JobState
+from worker.controls import job_controls
 from worker.runners import ClassImageRunner, ResumableRunner, Runner, load_runner, method_params
 from worker.runtime import AdapterCache, ModelCache
 
@@ -256,6 +257,7 @@ class Prepared:
     inputs: dict[str, Any]
     adapters: list[tuple[Adapter, float]]  # installed on the base model while the method runs
     checkpoints: ArtifactCheckpoints | None  # where a resumable method keeps its last checkpoint
+    conditions: dict[str, Image.Image] = field(default_factory=dict)  # control conditions as used, for the outputs
 
 
 @dataclass
@@ -326,6 +328,12 @@ def _prepare(ctx: WorkerContext, job: Job, spec: MethodSpec) -> Prepared:
     with ctx.sessions() as session:
         inputs = _load_inputs(ctx, session, job, spec.image_fields, spec.image_list_fields)
         adapters = _load_adapters(ctx, session, job)
+
+        def load_image(name: str, file_id: str) -> Image.Image:
+            return _load_image(ctx, session, job, name, file_id)
+
+        controls = job_controls(job, spec, inputs, ctx.cache, load_image)
+    inputs.update(controls.inputs)
     params = method_params(runner, job.params)
     if spec.class_images:
         inputs.update(_class_images(ctx, job, cast(ClassImageRunner, runner), params, components))
@@ -334,7 +342,7 @@ def _prepare(ctx: WorkerContext, job: Job, spec: MethodSpec) -> Prepared:
     checkpoints = None
     if spec.resumable:  # a resumed attempt finds the last checkpoint
         checkpoints = ArtifactCheckpoints(ctx.artifacts, checkpoint_key(job.tenant_id, job.id))
-    return Prepared(runner, components, params, inputs, adapters, checkpoints)
+    return Prepared(runner, components, params, inputs, adapters, checkpoints, controls.conditions)
 
 
 def _run_method(ctx: WorkerContext, job: Job, prepared: Prepared, beat: Heartbeat) -> tuple[MethodOutput, float]:
@@ -353,7 +361,9 @@ def _run_method(ctx: WorkerContext, job: Job, prepared: Prepared, beat: Heartbea
             )
         else:
             output = prepared.runner.run(components, params, inputs, generator=generator, callback=reporter)
-    return output, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    output.extra_images.update(prepared.conditions)
+    return output, seconds
 
 
 def _store_results(ctx: WorkerContext, job: Job, output: MethodOutput) -> list[str]:

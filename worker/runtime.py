@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.common.components import Components
@@ -71,16 +71,48 @@ def load_components(folder: Path, policy: DevicePolicy, allow_downloads: bool = 
     )
 
 
+CONTROL_CLASSES: dict[str, type[ControlNetModel] | type[T2IAdapter]] = {
+    "ControlNetModel": ControlNetModel,
+    "T2IAdapter": T2IAdapter,
+}
+
+
+def load_control(folder: Path, policy: DevicePolicy, allow_downloads: bool = False) -> ControlNetModel | T2IAdapter:
+    """Load a ControlNet or T2I-Adapter folder (diffusers format, safetensors only) onto the policy's device."""
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if class_name not in CONTROL_CLASSES:
+        raise ValueError(f"{folder.name} is not a ControlNet or T2I-Adapter (its config names {class_name!r})")
+    model = CONTROL_CLASSES[class_name].from_pretrained(
+        folder, torch_dtype=policy.dtype, use_safetensors=True, local_files_only=not allow_downloads
+    )
+    model.to(policy.device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 class ModelCache:
-    """Base models by name, loaded on first use and kept for the life of the process."""
+    """Base models and control models by name, loaded on first use and kept for the life of the process."""
 
     def __init__(self, models_dir: Path, policy: DevicePolicy, allow_downloads: bool = False) -> None:
         self.models_dir = models_dir
         self.policy = policy
         self.allow_downloads = allow_downloads
         self._loaded: dict[str, Components] = {}
+        self._controls: dict[str, ControlNetModel | T2IAdapter] = {}
         self._lock = threading.Lock()
         self.loads = 0
+
+    def control(self, name: str) -> ControlNetModel | T2IAdapter:
+        with self._lock:
+            if name not in self._controls:
+                folder = self.models_dir / name
+                if not (folder / "config.json").is_file():
+                    raise FileNotFoundError(f"control model {name!r} not found in {self.models_dir}")
+                log.info("loading control model %s on %s (%s)", name, self.policy.device, self.policy.dtype)
+                self._controls[name] = load_control(folder, self.policy, self.allow_downloads)
+                self.loads += 1
+            return self._controls[name]
 
     def get(self, name: str) -> Components:
         with self._lock:

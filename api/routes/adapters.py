@@ -22,7 +22,6 @@ from store.tables import Adapter
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
 
-
 class AdapterFileOut(BaseModel):
     name: str
     size_bytes: int

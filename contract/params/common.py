@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from contract.spec import IMAGE_FIELD_MARK, IMAGE_LIST_FIELD_MARK
 
@@ -84,7 +84,86 @@ class JobRequest(BaseModel):
 
     def method_params(self) -> dict[str, object]:
         """The fields the method itself receives (everything but the job options)."""
-        return self.model_dump(mode="json", exclude=set(JobRequest.model_fields))
+        return self.model_dump(mode="json", exclude=set(JobRequest.model_fields) | set(ControlledRequest.model_fields))
+
+
+MAX_CONTROLS = 4
+MAX_GROUNDING_BOXES = 30  # GLIGEN's position-net takes at most 30 objects
+
+Preprocessor = Literal["none", "canny", "scribble"]
+"""Condition preprocessors (the worker runs them): `canny` edges of a photo, `scribble` a drawing binarized, `none`
+a ready condition image."""
+
+
+class ControlRef(BaseModel):
+    """A ControlNet or T2I-Adapter from `GET /v1/models` with its condition image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, description="A control model's name from `GET /v1/models`.")
+    condition: ImageRef
+    preprocessor: Preprocessor = Field(
+        default="none",
+        description="`none`: the condition is a ready control image of the job's size. `canny`: Canny edges of the "
+        "image (a photo), `scribble`: a drawing binarized to white strokes; both resize the image to the job's size "
+        "first, so its aspect ratio must match.",
+    )
+    low_threshold: int = Field(default=100, ge=0, le=255, description="canny: gradients below are never edges.")
+    high_threshold: int = Field(default=200, ge=0, le=255, description="canny: gradients above always are.")
+    threshold: int = Field(default=127, ge=0, le=255, description="scribble: grey level between stroke and paper.")
+    scale: float = Field(default=1.0, ge=0.0, le=2.0, description="Conditioning strength; 0 turns the control off.")
+    start: float = Field(default=0.0, ge=0.0, lt=1.0, description="ControlNet: first fraction of steps it acts on.")
+    end: float = Field(default=1.0, gt=0.0, le=1.0, description="ControlNet: fraction of steps after which it stops.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ControlRef:
+        if self.low_threshold > self.high_threshold:
+            raise ValueError("low_threshold must not exceed high_threshold")
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be below end ({self.end})")
+        return self
+
+
+class GroundingBox(BaseModel):
+    """GLIGEN: one phrase and the box its object goes in, (x0, y0, x1, y1) as fractions of the image side."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    phrase: str = Field(min_length=1, max_length=200, description="What goes in the box, e.g. `a red circle`.")
+    box: tuple[float, float, float, float] = Field(
+        description="[x0, y0, x1, y1] in [0, 1], top left to bottom right; x0 < x1 and y0 < y1."
+    )
+
+    @field_validator("box")
+    @classmethod
+    def _check_box(cls, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        if not all(0.0 <= v <= 1.0 for v in box):
+            raise ValueError(f"box coordinates must lie in [0, 1], got {list(box)}")
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise ValueError(f"box must have x0 < x1 and y0 < y1 (a non-zero area), got {list(box)}")
+        return box
+
+
+class ControlledRequest(JobRequest):
+    """Options of the jobs that take spatial controls (text-to-image, SDEdit)."""
+
+    controls: list[ControlRef] = Field(
+        default_factory=list,
+        max_length=MAX_CONTROLS,
+        description="ControlNets and T2I-Adapters for this job, each with its condition image; they must belong to "
+        "the job's base model family. Several compose (their effects add).",
+    )
+    grounding: list[GroundingBox] = Field(
+        default_factory=list,
+        max_length=MAX_GROUNDING_BOXES,
+        description="GLIGEN grounding: phrases and their boxes. Needs a base model with the `gligen` capability.",
+    )
+    grounding_fraction: float = Field(
+        default=0.3,
+        gt=0.0,
+        le=1.0,
+        description="GLIGEN's scheduled sampling: the fraction of steps (the first ones) that use the grounding.",
+    )
 
 
 ConceptToken = Annotated[

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from contract.params.common import GuidanceScale, ImageRef, JobRequest, NegativePrompt, Prompt, Steps
+from contract.params.common import ControlledRequest, GuidanceScale, ImageRef, NegativePrompt, Prompt, Steps
 from contract.spec import MethodSpec
 
 
-class SDEditRequest(JobRequest):
+class SDEditRequest(ControlledRequest):
     """Edit an image by noising it to `strength` and denoising it towards the prompt.
 
     The same job serves SDEdit's guided-synthesis uses: the image may be a crude colour-stroke painting
@@ -51,5 +51,6 @@ SPEC = MethodSpec(
     "Also turns a colour-stroke painting into a realistic image and harmonises a pasted composite.",
     request=SDEditRequest,
     runner="models.editing.sdedit",
+    control_size="image",
     paper="Meng et al., SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations, ICLR 2022",
 )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from contract.params.common import GuidanceScale, JobRequest, NegativePrompt, Prompt, Steps
+from contract.params.common import ControlledRequest, GuidanceScale, NegativePrompt, Prompt, Steps
 from contract.spec import MethodSpec
 
 
-class TextToImageRequest(JobRequest):
+class TextToImageRequest(ControlledRequest):
     """Generate images from a prompt."""
 
     model_config = ConfigDict(
@@ -31,5 +31,6 @@ SPEC = MethodSpec(
     summary="Generate images from a text prompt (latent diffusion, DDIM, classifier-free guidance).",
     request=TextToImageRequest,
     runner="models.generation.text_to_image",
+    control_size=("width", "height"),
     paper="Rombach et al., High-Resolution Image Synthesis with Latent Diffusion Models, CVPR 2022",
 )

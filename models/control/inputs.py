@@ -83,11 +83,11 @@ class ControlInputs:
 def control_inputs(
     components: Components, inputs: Mapping[str, object], width: int, height: int
 ) -> Iterator[ControlInputs]:
-    """Check and prepare a job's `inputs["controls"]` (ControlNets), `inputs["adapters"]` (T2I-Adapters) and
+    """Check and prepare a job's `inputs["controls"]` (ControlNets), `inputs["t2i_adapters"]` (T2I-Adapters) and
     `inputs["grounding"]` (GLIGEN) for a `width` x `height` generation; GLIGEN's gated layers are restored on exit.
     Raises ValueError naming the field for bad input, before any model runs."""
     controls: list[Control] = list(inputs.get("controls", []))  # type: ignore[call-overload]
-    adapters: list[AdapterControl] = list(inputs.get("adapters", []))  # type: ignore[call-overload]
+    adapters: list[AdapterControl] = list(inputs.get("t2i_adapters", []))  # type: ignore[call-overload]
     grounding = inputs.get("grounding")
     check_controls(controls, width, height)
     for index, adapter in enumerate(adapters):

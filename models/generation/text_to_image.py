@@ -1,7 +1,7 @@
 """Text-to-image with latent diffusion (Rombach et al., CVPR 2022) and DDIM sampling.
 
 Implemented: classifier-free guidance, negative prompt, several images per prompt, ControlNets
-(`inputs["controls"]`, see `models/control/controlnet.py`) and T2I-Adapters (`inputs["adapters"]`,
+(`inputs["controls"]`, see `models/control/controlnet.py`) and T2I-Adapters (`inputs["t2i_adapters"]`,
 `models/control/adapter.py`) and GLIGEN grounding (`inputs["grounding"]`, `models/control/gligen.py`).
 Not implemented: other samplers, img2img (see `models/editing/sdedit.py`).
 """

@@ -38,7 +38,7 @@ def sketch() -> Image.Image:
 
 def generate(components: Components, adapters: list[AdapterControl], seed: int = 3) -> Image.Image:
     params = text_to_image.Params(PROMPT, steps=6, guidance_scale=5.0)
-    return text_to_image.run(components, params, {"adapters": adapters}, generator=gen(seed)).images[0]
+    return text_to_image.run(components, params, {"t2i_adapters": adapters}, generator=gen(seed)).images[0]
 
 
 def use(components: Components, adapter: T2IAdapter, image: Image.Image, scale: float = 1.0) -> AdapterControl:

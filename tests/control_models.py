@@ -1,0 +1,76 @@
+"""Untrained control models that fit the zoo model, for the tests: a ControlNet, a T2I-Adapter and a GLIGEN variant
+of the zoo UNet, each with random weights where training would have put some (the zero convolutions, the gates),
+so that a control visibly steers the output. `write_test_models` saves them in diffusers' format beside the zoo's
+base models, as a server's models directory holds them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
+from diffusers.models.attention import GatedSelfAttentionDense
+
+CONTROLNET = "test-controlnet-canny"
+ADAPTER = "test-t2i-adapter-sketch"
+GLIGEN = "test-sd-gligen"
+OTHER_FAMILY = "test-controlnet-other-family"
+
+
+def tiny_controlnet(unet: UNet2DConditionModel, vae_scale: int, seed: int) -> ControlNetModel:
+    """A ControlNet copied from `unet` (its conditioning embedding downsamples by the VAE's factor), with random
+    zero convolutions."""
+    channels = tuple(16 * 2**i for i in range(int(np.log2(vae_scale)) + 1))
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for block in [*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out]:
+            block.weight.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def tiny_adapter(unet: UNet2DConditionModel, vae_scale: int, seed: int) -> T2IAdapter:
+    """A randomly initialised T2I-Adapter with one feature map per encoder level of `unet`."""
+    torch.manual_seed(seed)
+    channels = list(unet.config.block_out_channels)
+    return T2IAdapter(3, channels, num_res_blocks=1, downscale_factor=vae_scale).eval()
+
+
+def gligen_unet(unet: UNet2DConditionModel, seed: int) -> UNet2DConditionModel:
+    """`unet`'s weights plus GLIGEN's gated self-attention layers and position net (random, gates open)."""
+    config = dict(unet.config) | {"attention_type": "gated"}
+    torch.manual_seed(seed)
+    gated = UNet2DConditionModel.from_config(config)
+    missing = gated.load_state_dict(unet.state_dict(), strict=False)
+    assert all("fuser" in name or "position_net" in name for name in missing.missing_keys)
+    with torch.no_grad():
+        for module in gated.modules():
+            if isinstance(module, GatedSelfAttentionDense):
+                module.alpha_attn.fill_(1.0)
+                module.alpha_dense.fill_(1.0)
+    return gated.eval()
+
+
+def write_test_models(zoo: Path, base: str, out: Path) -> None:
+    """Link the zoo's base models into `out` and save the test control models there, built on `base`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in sorted(zoo.iterdir()):
+        if (folder / "model_index.json").is_file():
+            (out / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
+    unet = UNet2DConditionModel.from_pretrained(zoo / base, subfolder="unet")
+    vae_blocks = json.loads((zoo / base / "vae" / "config.json").read_text())["block_out_channels"]
+    vae_scale = 2 ** (len(vae_blocks) - 1)
+    tiny_controlnet(unet, vae_scale, seed=1).save_pretrained(out / CONTROLNET)
+    (out / CONTROLNET / "atelier.json").write_text(json.dumps({"condition": "canny", "base_model": base}))
+    tiny_adapter(unet, vae_scale, seed=5).save_pretrained(out / ADAPTER)
+    (out / ADAPTER / "atelier.json").write_text(json.dumps({"condition": "sketch", "base_model": base}))
+    other = ControlNetModel.from_unet(UNet2DConditionModel.from_config(dict(unet.config) | {"cross_attention_dim": 64}))
+    other.save_pretrained(out / OTHER_FAMILY)
+    gligen = out / GLIGEN
+    gligen.mkdir()
+    for part in sorted((zoo / base).iterdir()):
+        if part.name != "unet" and part.name != "README.md":
+            (gligen / part.name).symlink_to(part.resolve(), target_is_directory=part.is_dir())
+    gligen_unet(unet, seed=7).save_pretrained(gligen / "unet")
