@@ -26,7 +26,11 @@ def tiny_controlnet(unet: UNet2DConditionModel, vae_scale: int, seed: int) -> Co
     model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     torch.manual_seed(seed)
     with torch.no_grad():
-        for block in [*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out]:
+        for block in [
+            *model.controlnet_down_blocks,
+            model.controlnet_mid_block,
+            model.controlnet_cond_embedding.conv_out,
+        ]:
             block.weight.normal_(0.0, 0.05)
     return model.eval()
 
@@ -54,10 +58,11 @@ def gligen_unet(unet: UNet2DConditionModel, seed: int) -> UNet2DConditionModel:
 
 
 def write_test_models(zoo: Path, base: str, out: Path) -> None:
-    """Link the zoo's base models into `out` and save the test control models there, built on `base`."""
+    """Link the zoo's models (base and control) into `out` and save the test control models there, built on
+    `base`."""
     out.mkdir(parents=True, exist_ok=True)
     for folder in sorted(zoo.iterdir()):
-        if (folder / "model_index.json").is_file():
+        if (folder / "model_index.json").is_file() or (folder / "atelier.json").is_file():
             (out / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
     unet = UNet2DConditionModel.from_pretrained(zoo / base, subfolder="unet")
     vae_blocks = json.loads((zoo / base / "vae" / "config.json").read_text())["block_out_channels"]

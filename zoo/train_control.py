@@ -1,20 +1,25 @@
-"""Train a ShapesWorld ControlNet on an exported base model: ``python zoo/train_control.py --condition canny``.
+"""Train a ShapesWorld control model on an exported base model:
 
-A ControlNet (Zhang et al. 2023) is copied from the base UNet's encoder (zero convolutions at zero) and trained
-with the base's epsilon loss while the base UNet and text encoder stay frozen; half the captions are dropped
-(sec. 3.2), so the model learns to read the condition alone. Conditions come from the world:
+    python zoo/train_control.py --condition canny                      # zoo/shapes-controlnet-canny
+    python zoo/train_control.py --condition mask                       # zoo/shapes-controlnet-mask
+    python zoo/train_control.py --kind t2i-adapter --condition sketch  # zoo/shapes-t2i-adapter-sketch
 
-    canny  the Canny edges of the rendered scene (models/control/preprocess.py, as a user's photo gets them)
-    mask   the union of the objects' masks, white on black
+A ControlNet (Zhang et al. 2023) is copied from the base UNet's encoder (zero convolutions at zero); a T2I-Adapter
+(Mou et al. 2023) is a small network trained from scratch whose features are added inside the encoder. Either is
+trained with the base's epsilon loss while the base UNet and text encoder stay frozen; half the captions are
+dropped (ControlNet sec. 3.2), so the model learns to read the condition alone. Conditions come from the world
+(models/shapes/conditions.py): `canny` edges of the scene's image, the objects' `mask`, their outlines (`sketch`).
 
 The base is any diffusers folder (``--base``, the bundled zoo by default); retraining the base means running this
-again with the same command. The output is a diffusers ``ControlNetModel`` folder that loads in
-``StableDiffusionControlNetPipeline``. Checkpoints (``--work``) make a run resumable (``--resume``).
+again with the same command. The output is a diffusers ``ControlNetModel`` or ``T2IAdapter`` folder that loads in
+``StableDiffusionControlNetPipeline`` / ``StableDiffusionAdapterPipeline``, with an ``atelier.json`` naming its
+condition and base (what ``GET /v1/models`` shows). Checkpoints (``--work``) make a run resumable (``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -29,10 +34,10 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from models.control.preprocess import preprocess  # noqa: E402
+from models.shapes.conditions import CONDITIONS, scene_condition  # noqa: E402
 from models.shapes.world import caption, render, sample_scene  # noqa: E402
 from zoo.data import encode_latents  # noqa: E402
 from zoo.runs import (  # noqa: E402
@@ -46,12 +51,13 @@ from zoo.runs import (  # noqa: E402
 from zoo.train_unet import alphas_cumprod, sample_timesteps  # noqa: E402
 
 logger = logging.getLogger("zoo.train_control")
-CONDITIONS = ("canny", "mask")
+KINDS = ("controlnet", "t2i-adapter")
 
 
 @dataclass(frozen=True)
 class ControlTrainParams:
     condition: str = "canny"
+    kind: str = "controlnet"
     steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3  # the paper's 1e-5 is for a 361M-parameter copy; the tiny copy takes a larger step
@@ -74,10 +80,7 @@ def render_conditioned(n_scenes: int, seed: int, condition: str) -> tuple[np.nda
         scene = sample_scene(rng, split="train")
         rendered = render(scene)
         images[index] = rendered.image
-        if condition == "canny":
-            conditions[index] = preprocess("canny", rendered.image)
-        else:
-            conditions[index] = (rendered.masks.any(axis=0)[..., None] * 255).astype(np.uint8)
+        conditions[index] = scene_condition(rendered, condition)
         captions.append(caption(scene))
     return images, conditions, captions
 
@@ -88,8 +91,33 @@ def controlnet_for(unet: UNet2DConditionModel, latent_factor: int) -> ControlNet
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(16 * 2**i for i in range(levels)))
 
 
-def train_controlnet(base: Path, out: Path, work: Path, params: ControlTrainParams, resume: bool) -> ControlNetModel:
-    """Train a ControlNet for the base model in `base`; save it (diffusers format) to `out`."""
+def adapter_for(unet: UNet2DConditionModel, latent_factor: int) -> T2IAdapter:
+    """A T2I-Adapter with one feature map per encoder level of `unet`, downsampling by the VAE's factor."""
+    channels = list(unet.config.block_out_channels)
+    return T2IAdapter(3, channels, num_res_blocks=2, downscale_factor=latent_factor, adapter_type="full_adapter")
+
+
+def unet_extras(
+    model: ControlNetModel | T2IAdapter,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeds: torch.Tensor,
+    cond: torch.Tensor,
+) -> dict[str, object]:
+    """The UNet's extra arguments from the control model being trained."""
+    if isinstance(model, T2IAdapter):
+        return {"down_intrablock_additional_residuals": list(model(cond))}
+    down, mid = model(noisy, timesteps, embeds, controlnet_cond=cond, return_dict=False)
+    return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def train_controlnet(
+    base: Path, out: Path, work: Path, params: ControlTrainParams, resume: bool
+) -> ControlNetModel | T2IAdapter:
+    """Train a ControlNet or T2I-Adapter (`params.kind`) for the base model in `base`; save it (diffusers format)
+    to `out`."""
+    if params.kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {params.kind!r}")
     # 1. The frozen base and the data: latents of the scenes, their conditions and token ids
     unet = UNet2DConditionModel.from_pretrained(str(base / "unet")).requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(str(base / "vae")).requires_grad_(False)
@@ -112,7 +140,7 @@ def train_controlnet(base: Path, out: Path, work: Path, params: ControlTrainPara
 
     # 2. The ControlNet, its optimizer, and a resume
     torch.manual_seed(params.seed)
-    controlnet = controlnet_for(unet, factor).train()
+    controlnet = (controlnet_for if params.kind == "controlnet" else adapter_for)(unet, factor).train()
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=params.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(params.seed)
     numpy_rng = np.random.default_rng([params.seed, 11])
@@ -141,10 +169,7 @@ def train_controlnet(base: Path, out: Path, work: Path, params: ControlTrainPara
         scale = alpha_bar[timesteps].view(-1, 1, 1, 1)
         noisy = scale.sqrt() * latents[index] + (1 - scale).sqrt() * noise
         cond = condition_pixels[index].float() / 255.0
-        down, mid = controlnet(noisy, timesteps, embeds, controlnet_cond=cond, return_dict=False)
-        prediction = unet(
-            noisy, timesteps, embeds, down_block_additional_residuals=down, mid_block_additional_residual=mid
-        ).sample
+        prediction = unet(noisy, timesteps, embeds, **unet_extras(controlnet, noisy, timesteps, embeds, cond)).sample
         loss = (prediction - noise).pow(2).mean()
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine_lr(step, params.lr, params.warmup, params.steps)
@@ -170,16 +195,20 @@ def train_controlnet(base: Path, out: Path, work: Path, params: ControlTrainPara
 
     # 4. Save in diffusers' format
     controlnet.eval().save_pretrained(str(out), safe_serialization=True)
+    # What GET /v1/models shows for it: its condition type and the base model it was trained on.
+    notes = {"kind": params.kind, "condition": params.condition, "base_model": base.name, "steps": params.steps}
+    (out / "atelier.json").write_text(json.dumps(notes, indent=2) + "\n")
     logger.info("saved %s", out)
     return controlnet
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=KINDS, default="controlnet")
     parser.add_argument("--condition", choices=CONDITIONS, default="canny")
     parser.add_argument("--base", default=str(REPO_ROOT / "zoo" / "shapes-sd-tiny"))
-    parser.add_argument("--out", default=None, help="default: zoo/shapes-controlnet-<condition>")
-    parser.add_argument("--work", default=None, help="checkpoints; default: zoo/_runs/controlnet-<condition>")
+    parser.add_argument("--out", default=None, help="default: zoo/shapes-<kind>-<condition>")
+    parser.add_argument("--work", default=None, help="checkpoints; default: zoo/_runs/<kind>-<condition>")
     parser.add_argument("--steps", type=int, default=ControlTrainParams.steps)
     parser.add_argument("--batch-size", type=int, default=ControlTrainParams.batch_size)
     parser.add_argument("--n-scenes", type=int, default=ControlTrainParams.n_scenes)
@@ -189,10 +218,10 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     params = ControlTrainParams(
-        condition=args.condition, steps=args.steps, batch_size=args.batch_size, n_scenes=args.n_scenes
+        condition=args.condition, kind=args.kind, steps=args.steps, batch_size=args.batch_size, n_scenes=args.n_scenes
     )
-    out = Path(args.out or REPO_ROOT / "zoo" / f"shapes-controlnet-{args.condition}")
-    work = Path(args.work or REPO_ROOT / "zoo" / "_runs" / f"controlnet-{args.condition}")
+    out = Path(args.out or REPO_ROOT / "zoo" / f"shapes-{args.kind}-{args.condition}")
+    work = Path(args.work or REPO_ROOT / "zoo" / "_runs" / f"{args.kind}-{args.condition}")
     train_controlnet(Path(args.base), out, work, params, args.resume)
 
 

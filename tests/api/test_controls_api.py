@@ -53,7 +53,11 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     (T2I, {"model": GLIGEN, "grounding": [{"phrase": "", "box": [0, 0, 0.5, 0.5]}]}, "grounding.0.phrase"),
     (T2I, {"grounding": [{"phrase": "a red circle", "box": [0, 0, 0.5, 0.5]}]}, "has no GLIGEN layers"),
     (T2I, {"model": GLIGEN, "grounding": [{"phrase": "x", "box": [0, 0, 1, 1]}] * 31}, "at most 30"),
-    (SDEDIT, {"image": b64(png_bytes(64, 64)), "controls": [control(b64(png_bytes(64, 48)))]}, "the condition is 64x48"),
+    (
+        SDEDIT,
+        {"image": b64(png_bytes(64, 64)), "controls": [control(b64(png_bytes(64, 48)))]},
+        "the condition is 64x48",
+    ),
 ]
 
 

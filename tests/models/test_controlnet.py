@@ -16,6 +16,7 @@ from models.control.preprocess import preprocess
 from models.editing import sdedit
 from models.generation import text_to_image
 from models.shapes.world import Scene, ShapeObject, render
+from tests import control_models
 
 
 def gen(seed: int) -> torch.Generator:
@@ -23,18 +24,7 @@ def gen(seed: int) -> torch.Generator:
 
 
 def tiny_controlnet(components: Components, seed: int) -> ControlNetModel:
-    """A ControlNet from the zoo UNet (its conditioning embedding downsamples by the VAE's factor, 4)."""
-    channels = tuple(16 * 2**i for i in range(int(np.log2(components.vae_scale)) + 1))
-    model = ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=channels)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for block in [
-            *model.controlnet_down_blocks,
-            model.controlnet_mid_block,
-            model.controlnet_cond_embedding.conv_out,
-        ]:
-            block.weight.normal_(0.0, 0.05)
-    return model.eval()
+    return control_models.tiny_controlnet(components.unet, components.vae_scale, seed)
 
 
 @pytest.fixture(scope="module")

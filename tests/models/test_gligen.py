@@ -8,13 +8,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionGLIGENPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionGLIGENPipeline
 from diffusers.models.attention import GatedSelfAttentionDense
 from PIL import Image
 
 from models.common.components import Components
 from models.control.gligen import Grounding
 from models.generation import text_to_image
+from tests.control_models import gligen_unet
 
 PROMPT = "a small red circle and a large blue square"
 PHRASES = ("a small red circle", "a large blue square")
@@ -27,17 +28,7 @@ def gen(seed: int) -> torch.Generator:
 
 @pytest.fixture(scope="module")
 def gligen(components: Components) -> Components:
-    config = dict(components.unet.config) | {"attention_type": "gated"}
-    torch.manual_seed(7)
-    unet = UNet2DConditionModel.from_config(config)
-    missing = unet.load_state_dict(components.unet.state_dict(), strict=False)
-    assert all("fuser" in name or "position_net" in name for name in missing.missing_keys)
-    with torch.no_grad():
-        for module in unet.modules():
-            if isinstance(module, GatedSelfAttentionDense):
-                module.alpha_attn.fill_(1.0)
-                module.alpha_dense.fill_(1.0)
-    return dataclasses.replace(components, unet=unet.eval())
+    return dataclasses.replace(components, unet=gligen_unet(components.unet, seed=7))
 
 
 def generate(model: Components, grounding: Grounding | None, steps: int = 6) -> Image.Image:

@@ -15,6 +15,7 @@ from models.control.controlnet import condition_tensor
 from models.control.preprocess import preprocess
 from models.generation import text_to_image
 from models.shapes.world import Scene, ShapeObject, render
+from tests.control_models import tiny_adapter
 
 PROMPT = "a large red circle at the top left"
 
@@ -25,9 +26,7 @@ def gen(seed: int) -> torch.Generator:
 
 @pytest.fixture(scope="module")
 def adapter(components: Components) -> T2IAdapter:
-    torch.manual_seed(5)
-    channels = list(components.unet.config.block_out_channels)
-    return T2IAdapter(3, channels, num_res_blocks=1, downscale_factor=components.vae_scale).eval()
+    return tiny_adapter(components.unet, components.vae_scale, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionAdapterPipeline,
+    StableDiffusionControlNetPipeline,
+    T2IAdapter,
+)
 from PIL import Image
 
 from models.shapes.world import parse_caption, render
@@ -26,6 +32,9 @@ def test_conditions_are_the_scenes_edges_and_masks() -> None:
         np.testing.assert_array_equal(images[index], rendered.image)
         np.testing.assert_array_equal(masks[index, ..., 0] > 0, rendered.masks.any(axis=0))
         assert set(np.unique(edges[index])) <= {0, 255} and edges[index].any()
+    _, sketches, _ = render_conditioned(4, 3, "sketch")
+    for index, text in enumerate(captions):  # the objects' outlines only, not the background's edges
+        np.testing.assert_array_equal(sketches[index, ..., 0], render(parse_caption(text)).edges)
     with pytest.raises(ValueError, match="condition must be one of"):
         render_conditioned(1, 0, "depth")
 
@@ -37,6 +46,7 @@ def test_trains_saves_in_diffusers_format_and_resumes(tmp_path: Path, caplog: py
     train_controlnet(ZOO_MODEL, out, work, params, resume=False)
     assert latest_checkpoint(work) is not None and latest_checkpoint(work).name == "ckpt-0000002.pt"  # type: ignore[union-attr]
     controlnet = ControlNetModel.from_pretrained(str(out))
+    assert json.loads((out / "atelier.json").read_text())["condition"] == "canny"  # what GET /v1/models shows
     zero_conv = controlnet.controlnet_mid_block.weight
     assert zero_conv.abs().sum() > 0  # the zero convolution has learned
     pipe = StableDiffusionControlNetPipeline.from_pretrained(str(ZOO_MODEL), controlnet=controlnet, safety_checker=None)
@@ -48,3 +58,18 @@ def test_trains_saves_in_diffusers_format_and_resumes(tmp_path: Path, caplog: py
         train_controlnet(ZOO_MODEL, out, work, longer, resume=True)
     assert "ckpt-0000002.pt at step 2" in caplog.text  # it continued, it did not start again
     assert latest_checkpoint(work).name == "ckpt-0000003.pt"  # type: ignore[union-attr]
+
+
+def test_trains_a_t2i_adapter_that_loads_in_the_stock_adapter_pipeline(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    params = ControlTrainParams(
+        condition="sketch", kind="t2i-adapter", steps=2, batch_size=2, n_scenes=8, checkpoint_every=1, warmup=1
+    )
+    out = tmp_path / "adapter"
+    train_controlnet(ZOO_MODEL, out, tmp_path / "work", params, resume=False)
+    assert json.loads((out / "atelier.json").read_text())["kind"] == "t2i-adapter"
+    adapter = T2IAdapter.from_pretrained(str(out))
+    pipe = StableDiffusionAdapterPipeline.from_pretrained(str(ZOO_MODEL), adapter=adapter, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", image=Image.new("RGB", (64, 64)), num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()

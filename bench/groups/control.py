@@ -1,0 +1,240 @@
+"""Issue 11, control: ControlNet (edges, masks) and T2I-Adapter (sketches) on the zoo model (GLIGEN: not yet).
+
+Each case is a test-split scene: its condition is rendered from the scene (Canny edges of the scene's image, the
+union of its object masks, or a scribble of its outlines) and its prompt is the scene's
+canonical caption; the job is text-to-image with that control at the bench's steps and the default guidance.
+The oracle reads the output:
+- mask IoU: the union of the objects the oracle sees against the union of the scene's true masks; a case
+  succeeds at IoU >= 0.8 (0.7 for the adapter), as the issue sets;
+- position right: every object of the scene is seen in its grid cell; colour right: in its colour (the
+  condition carries no colour: it must come from the prompt).
+The uncontrolled job on the same prompts and seeds is the baseline of every row, and a scale sweep shows IoU
+rising with the conditioning scale (scale 0 is checked to be the uncontrolled image exactly). The extra time per
+image over the uncontrolled job is measured in the same run for ControlNet and the adapter.
+
+Control models are read from the models directory by name (`zoo/shapes-controlnet-canny`, ...); a row whose
+model is not there is reported as not run, with the command that trains it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel, T2IAdapter
+from PIL import Image
+
+from bench.harness import BenchContext, GroupResult, Row, grid, percent, scenes
+from models.control.adapter import AdapterControl
+from models.control.controlnet import Control, condition_tensor
+from models.generation import text_to_image
+from models.shapes.conditions import scene_condition
+from models.shapes.oracle import SeenScene, read_scene
+from models.shapes.world import Scene, caption, render
+
+NAME = "control"
+GUIDANCE = 7.5
+SCALES = (0.0, 0.25, 0.5, 1.0)
+
+CONTROLNETS = {"canny": "shapes-controlnet-canny", "mask": "shapes-controlnet-mask"}
+ADAPTER = "shapes-t2i-adapter-sketch"
+
+
+def condition_image(scene: Scene, kind: str) -> Image.Image:
+    """The scene's condition (models/shapes/conditions.py): `canny` edges, `mask`, `sketch` outlines."""
+    return Image.fromarray(scene_condition(render(scene, 64), kind))
+
+
+def mask_iou(scene: Scene, seen: SeenScene) -> float:
+    truth = render(scene, 64).masks.any(axis=0)
+    got = np.zeros_like(truth)
+    for obj in seen.objects:
+        got |= obj.mask
+    union = (truth | got).sum()
+    return float((truth & got).sum() / union) if union else 1.0
+
+
+def every_object(scene: Scene, seen: SeenScene, attribute: str) -> bool:
+    """Each object of the scene has a seen object in its cell with the same `attribute` (`position`: any)."""
+    for want in scene.objects:
+        here = [o for o in seen.objects if o.position == want.position]
+        if attribute != "position":
+            here = [o for o in here if getattr(o, attribute) == getattr(want, attribute)]
+        if not here:
+            return False
+    return True
+
+
+@dataclass
+class Outcome:
+    images: list[Image.Image]
+    ious: list[float]
+    position: list[bool]
+    color: list[bool]
+    seconds_per_image: float
+
+
+def run_jobs(
+    ctx: BenchContext, cases: Sequence[Scene], inputs: Sequence[Mapping[str, object]] | None = None
+) -> Outcome:
+    """One text-to-image job per case (seed ctx.seed + i) with `inputs[i]` (its controls), read by the oracle."""
+    images = []
+    started = time.perf_counter()
+    for index, scene in enumerate(cases):
+        params = text_to_image.Params(prompt=caption(scene), steps=ctx.steps, guidance_scale=GUIDANCE)
+        generator = torch.Generator("cpu").manual_seed(ctx.seed + index)
+        given = dict(inputs[index]) if inputs is not None else {}
+        images += text_to_image.run(ctx.components, params, given, generator=generator).images
+    seconds = (time.perf_counter() - started) / max(len(cases), 1)
+    seen = [read_scene(image) for image in images]
+    return Outcome(
+        images,
+        [mask_iou(s, r) for s, r in zip(cases, seen, strict=True)],
+        [every_object(s, r, "position") for s, r in zip(cases, seen, strict=True)],
+        [every_object(s, r, "color") for s, r in zip(cases, seen, strict=True)],
+        seconds,
+    )
+
+
+def load(models_dir: Path, name: str, ctx: BenchContext) -> ControlNetModel | T2IAdapter | None:
+    folder = models_dir / name
+    if not (folder / "config.json").is_file():
+        return None
+    from worker.runtime import DevicePolicy, load_control
+
+    return load_control(folder, DevicePolicy(ctx.components.device, ctx.components.dtype, "sdpa"))
+
+
+def extra_time(out: Outcome, plain: Outcome) -> float:
+    return out.seconds_per_image / plain.seconds_per_image - 1
+
+
+def controlnet_rows(
+    ctx: BenchContext, cases: Sequence[Scene], plain: Outcome, kind: str, model: ControlNetModel, result: GroupResult
+) -> None:
+    """The headline rows of one ControlNet, its scale sweep and its grid."""
+    device, dtype = ctx.components.device, ctx.components.dtype
+    conditions = [condition_tensor(condition_image(s, kind), device, dtype) for s in cases]
+    out = run_jobs(ctx, cases, [{"controls": [Control(model, c)]} for c in conditions])
+    success = percent([v >= 0.8 for v in out.ious])
+    note = (
+        f"mean IoU {np.mean(out.ious):.2f} (uncontrolled {np.mean(plain.ious):.2f}); "
+        f"extra time per image {100 * extra_time(out, plain):+.0f}%"
+    )
+    position, color = percent(out.position), percent(out.color)
+    result.rows += [
+        Row(
+            NAME,
+            f"ControlNet {kind}: mask IoU >= 0.8",
+            success,
+            ">= 90%",
+            success >= 90,
+            len(cases),
+            out.seconds_per_image,
+            note=note,
+        ),
+        Row(NAME, f"ControlNet {kind}: position right", position, ">= 95%", position >= 95, len(cases)),
+        Row(NAME, f"ControlNet {kind}: colour from the prompt", color, ">= 90%", color >= 90, len(cases)),
+    ]
+    few = max(len(cases) // 4, 1)
+    sweep: dict[float, float] = {}
+    exact = False
+    for scale in SCALES:
+        swept = run_jobs(ctx, cases[:few], [{"controls": [Control(model, c, scale)]} for c in conditions[:few]])
+        sweep[scale] = float(np.mean(swept.ious))
+        if scale == 0:
+            exact = all(
+                np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(swept.images, plain.images[:few], strict=True)
+            )
+    rising = all(sweep[a] <= sweep[b] + 0.02 for a, b in zip(SCALES, SCALES[1:], strict=False))
+    result.rows.append(
+        Row(
+            NAME,
+            f"ControlNet {kind}: mean IoU at scale 1",
+            sweep[1.0],
+            "rises with scale; scale 0 = uncontrolled",
+            rising and exact,
+            few,
+            unit="IoU",
+            note="by scale " + ", ".join(f"{s}: {v:.2f}" for s, v in sweep.items()) + f"; scale 0 identical: {exact}",
+        )
+    )
+    result.extra[f"controlnet_{kind}_sweep"] = sweep
+    shown = list(range(min(8, len(cases))))
+    images = [condition_image(cases[i], kind) for i in shown] + [out.images[i] for i in shown]
+    images += [plain.images[i] for i in shown]
+    labels = ["condition"] * len(shown) + [caption(cases[i]) for i in shown] + ["uncontrolled"] * len(shown)
+    result.grids[f"control_controlnet_{kind}"] = grid(images, labels, columns=len(shown))
+
+
+def adapter_rows(
+    ctx: BenchContext, cases: Sequence[Scene], plain: Outcome, adapter: T2IAdapter, result: GroupResult
+) -> None:
+    device, dtype = ctx.components.device, ctx.components.dtype
+    sketches = [condition_tensor(condition_image(s, "sketch"), device, dtype) for s in cases]
+    out = run_jobs(ctx, cases, [{"t2i_adapters": [AdapterControl(adapter, c)]} for c in sketches])
+    success, extra = percent([v >= 0.7 for v in out.ious]), extra_time(out, plain)
+    result.rows += [
+        Row(
+            NAME,
+            "T2I-Adapter sketch: mask IoU >= 0.7",
+            success,
+            ">= 85%",
+            success >= 85,
+            len(cases),
+            out.seconds_per_image,
+            note=f"mean IoU {np.mean(out.ious):.2f}",
+        ),
+        Row(NAME, "T2I-Adapter sketch: extra time per image", 100 * extra, "<= 10%", extra <= 0.10, len(cases)),
+    ]
+
+
+def run(ctx: BenchContext) -> GroupResult:
+    from store.settings import get_settings
+
+    models_dir = get_settings().models_dir
+    result = GroupResult()
+    cases = scenes("test", ctx.n, ctx.seed, None)
+    plain = run_jobs(ctx, cases)
+    note = f"position {percent(plain.position):.0f}%, colour {percent(plain.color):.0f}%"
+    result.rows.append(
+        Row(
+            NAME,
+            "uncontrolled: mask IoU >= 0.8",
+            percent([v >= 0.8 for v in plain.ious]),
+            "baseline",
+            None,
+            len(cases),
+            plain.seconds_per_image,
+            note=note,
+        )
+    )
+    for kind, name in CONTROLNETS.items():
+        model = load(models_dir, name, ctx)
+        if isinstance(model, ControlNetModel):
+            controlnet_rows(ctx, cases, plain, kind, model, result)
+        else:
+            result.rows.append(
+                Row(
+                    NAME,
+                    f"ControlNet {kind}",
+                    0.0,
+                    ">= 90% IoU >= 0.8",
+                    None,
+                    0,
+                    note=f"not run: no {name} (python zoo/train_control.py --condition {kind})",
+                )
+            )
+    adapter = load(models_dir, ADAPTER, ctx)
+    if isinstance(adapter, T2IAdapter):
+        adapter_rows(ctx, cases, plain, adapter, result)
+    else:
+        result.rows.append(
+            Row(NAME, "T2I-Adapter sketch", 0.0, ">= 85% IoU >= 0.7", None, 0, note=f"not run: no {ADAPTER}")
+        )
+    return result
