@@ -376,6 +376,11 @@ def _noun_phrase(obj: ShapeObject, *, with_size: bool = True, with_color: bool =
     return " ".join([_article(words[0]), *words])
 
 
+def object_phrase(obj: ShapeObject) -> str:
+    """The object's noun phrase without its position, e.g. "a small red circle" (a GLIGEN grounding phrase)."""
+    return _noun_phrase(obj)
+
+
 def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
     """Describe a scene. Without rng: the canonical caption, e.g. "a small red circle at the top left
     and a large blue square at the center on a dark background" (background named unless light).

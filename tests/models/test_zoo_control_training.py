@@ -13,14 +13,17 @@ from diffusers import (
     ControlNetModel,
     StableDiffusionAdapterPipeline,
     StableDiffusionControlNetPipeline,
+    StableDiffusionGLIGENPipeline,
     T2IAdapter,
 )
+from diffusers.models.attention import GatedSelfAttentionDense
 from PIL import Image
 
 from models.shapes.world import parse_caption, render
 from tests.conftest import ZOO_MODEL
 from zoo.runs import latest_checkpoint
 from zoo.train_control import ControlTrainParams, render_conditioned, train_controlnet
+from zoo.train_gligen import GligenTrainParams, render_grounded, train_gligen
 
 
 def test_conditions_are_the_scenes_edges_and_masks() -> None:
@@ -72,4 +75,31 @@ def test_trains_a_t2i_adapter_that_loads_in_the_stock_adapter_pipeline(tmp_path:
     pipe = StableDiffusionAdapterPipeline.from_pretrained(str(ZOO_MODEL), adapter=adapter, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle", image=Image.new("RGB", (64, 64)), num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_trains_a_gligen_variant_that_loads_in_the_stock_gligen_pipeline(tmp_path: Path) -> None:
+    """Two steps: the saved folder loads in StableDiffusionGLIGENPipeline; the gates have moved off zero; the
+    boxes are the scene's objects' bounds."""
+    torch.set_num_threads(1)
+    data = render_grounded(3, 0)
+    for index, phrases in enumerate(data.phrases):
+        assert data.counts[index] == len(phrases) and (data.boxes[index, len(phrases) :] == 0).all()
+        x0, y0, x1, y1 = data.boxes[index, 0]
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    params = GligenTrainParams(steps=2, batch_size=2, n_scenes=8, checkpoint_every=1, warmup=1)
+    out = tmp_path / "gligen"
+    train_gligen(ZOO_MODEL, out, tmp_path / "work", params, resume=False)
+    pipe = StableDiffusionGLIGENPipeline.from_pretrained(str(out), safety_checker=None)
+    gates = [m.alpha_attn.item() for m in pipe.unet.modules() if isinstance(m, GatedSelfAttentionDense)]
+    assert gates and any(g != 0 for g in gates)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        "a red circle",
+        gligen_phrases=["a red circle"],
+        gligen_boxes=[[0.1, 0.1, 0.5, 0.5]],
+        gligen_scheduled_sampling_beta=0.5,
+        num_inference_steps=2,
+        output_type="np",
+    ).images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()

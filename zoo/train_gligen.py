@@ -1,0 +1,253 @@
+"""Train a GLIGEN variant of a ShapesWorld base model: ``python zoo/train_gligen.py``.
+
+GLIGEN (Li et al., CVPR 2023) inserts a gated self-attention layer in every transformer block of a frozen UNet and
+a position net that turns (phrase, box) pairs into grounding tokens; only those new layers are trained, with the
+base's epsilon loss (sec. 3.2). The gates start closed (tanh(0) = 0), so the untrained variant is the base model.
+
+Data come from the world: each scene's objects give one grounding token each, the phrase "a small red circle" and
+its box (the object's pixel bounds over the image side). Captions name the objects without their positions in
+`positionless_fraction` of the samples, so the boxes must say where things go; grounding is dropped for
+`grounding_dropout` of the samples and the caption for `caption_dropout` (the paper drops both, sec. 3.2).
+
+The output is a full diffusers model folder (the base's VAE, text encoder, tokenizer and scheduler, the GLIGEN
+UNet) that loads in ``StableDiffusionGLIGENPipeline`` and is listed by ``GET /v1/models`` with the `gligen`
+capability. Checkpoints (``--work``) make a run resumable (``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from diffusers.models.attention import GatedSelfAttentionDense  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from models.control.gligen import MAX_OBJECTS  # noqa: E402
+from models.shapes.world import Scene, caption, object_phrase, render, sample_scene  # noqa: E402
+from zoo.data import encode_latents  # noqa: E402
+from zoo.runs import (  # noqa: E402
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    warmup_cosine_lr,
+)
+from zoo.train_unet import alphas_cumprod, sample_timesteps  # noqa: E402
+
+logger = logging.getLogger("zoo.train_gligen")
+
+
+@dataclass(frozen=True)
+class GligenTrainParams:
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup: int = 100
+    positionless_fraction: float = 0.7
+    grounding_dropout: float = 0.1
+    caption_dropout: float = 0.1
+    n_scenes: int = 8000
+    seed: int = 0
+    checkpoint_every: int = 250
+
+
+def positionless_caption(scene: Scene) -> str:
+    """The scene's objects named without where they are: "a small red circle and a large blue square"."""
+    text = " and ".join(object_phrase(obj) for obj in scene.objects)
+    return text if scene.background == "light" else f"{text} on a {scene.background} background"
+
+
+@dataclass
+class GroundedData:
+    images: np.ndarray  # (N, 64, 64, 3) uint8
+    captions: list[str]  # canonical captions
+    positionless: list[str]
+    phrases: list[list[str]]  # per scene, one per object
+    boxes: np.ndarray  # (N, MAX_OBJECTS, 4) float32 in [0, 1]
+    counts: np.ndarray  # (N,) objects per scene
+
+
+def render_grounded(n_scenes: int, seed: int) -> GroundedData:
+    rng = np.random.default_rng([seed, 13])
+    images = np.empty((n_scenes, 64, 64, 3), dtype=np.uint8)
+    boxes = np.zeros((n_scenes, MAX_OBJECTS, 4), dtype=np.float32)
+    counts = np.zeros(n_scenes, dtype=np.int64)
+    captions, positionless, phrases = [], [], []
+    for index in range(n_scenes):
+        scene = sample_scene(rng, split="train")
+        rendered = render(scene)
+        images[index] = rendered.image
+        count = len(scene.objects)
+        boxes[index, :count] = np.asarray(rendered.boxes, dtype=np.float32) / 64.0
+        counts[index] = count
+        captions.append(caption(scene))
+        positionless.append(positionless_caption(scene))
+        phrases.append([object_phrase(obj) for obj in scene.objects])
+    return GroundedData(images, captions, positionless, phrases, boxes, counts)
+
+
+def gligen_variant(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """`unet` with GLIGEN's gated layers and position net added (new layers at diffusers' init, gates closed)."""
+    gated = UNet2DConditionModel.from_config(dict(unet.config) | {"attention_type": "gated"})
+    missing = gated.load_state_dict(unet.state_dict(), strict=False).missing_keys
+    unexpected = [name for name in missing if "fuser" not in name and "position_net" not in name]
+    if unexpected:
+        raise RuntimeError(f"the gated UNet lacks base weights: {unexpected[:3]}")
+    return gated
+
+
+def new_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
+    fusers = [module for module in unet.modules() if isinstance(module, GatedSelfAttentionDense)]
+    return [p for module in [*fusers, unet.position_net] for p in module.parameters()]
+
+
+@torch.no_grad()
+def encode(
+    text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, texts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states (N, L, D), pooled (N, D)) of `texts`, padded to the tokenizer's length."""
+    hidden, pooled = [], []
+    for start in range(0, len(texts), 256):
+        ids = tokenizer(
+            texts[start : start + 256],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        out = text_encoder(ids)
+        hidden.append(out[0])
+        pooled.append(out.pooler_output)
+    return torch.cat(hidden), torch.cat(pooled)
+
+
+def train_gligen(base: Path, out: Path, work: Path, params: GligenTrainParams, resume: bool) -> UNet2DConditionModel:
+    """Train the GLIGEN layers of a variant of the base model in `base`; save the model folder to `out`."""
+    # 1. The frozen base and the data
+    unet = UNet2DConditionModel.from_pretrained(str(base / "unet"))
+    vae = AutoencoderKL.from_pretrained(str(base / "vae")).requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(str(base / "text_encoder")).requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    data = render_grounded(params.n_scenes, params.seed)
+    latents = encode_latents(vae, data.images) * vae.config.scaling_factor
+    with_position, _ = encode(text_encoder, tokenizer, data.captions)
+    without_position, _ = encode(text_encoder, tokenizer, data.positionless)
+    empty = encode(text_encoder, tokenizer, [""])[0][0]
+    unique = sorted({phrase for scene in data.phrases for phrase in scene})
+    pooled = dict(zip(unique, encode(text_encoder, tokenizer, unique)[1], strict=True))
+    width = int(unet.config.cross_attention_dim)
+    phrase_embeds = torch.zeros(params.n_scenes, MAX_OBJECTS, width)
+    for index, scene in enumerate(data.phrases):
+        for slot, phrase in enumerate(scene):
+            phrase_embeds[index, slot] = pooled[phrase]
+    boxes = torch.from_numpy(data.boxes)
+    object_masks = (torch.arange(MAX_OBJECTS)[None] < torch.from_numpy(data.counts)[:, None]).float()
+
+    # 2. The GLIGEN variant: only its new layers learn
+    torch.manual_seed(params.seed)
+    gligen = gligen_variant(unet).train()
+    gligen.requires_grad_(False)
+    trainable = new_parameters(gligen)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(params.seed)
+    numpy_rng = np.random.default_rng([params.seed, 17])
+    start = 0
+    checkpoint = latest_checkpoint(work) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        gligen.load_state_dict(state["unet"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], numpy_rng, generator)
+        start = state["step"]
+        logger.info("resumed from %s at step %d", checkpoint, start)
+    alpha_bar = alphas_cumprod()
+    logger.info("GLIGEN params %s, %d trainable parameters", asdict(params), sum(p.numel() for p in trainable))
+
+    # 3. Train
+    tick, running = time.monotonic(), 0.0
+    for step in range(start, params.steps):
+        index = torch.from_numpy(numpy_rng.integers(0, params.n_scenes, params.batch_size))
+        positionless = torch.from_numpy(numpy_rng.random(params.batch_size) < params.positionless_fraction)
+        drop_caption = torch.from_numpy(numpy_rng.random(params.batch_size) < params.caption_dropout)
+        keep_grounding = torch.from_numpy(numpy_rng.random(params.batch_size) >= params.grounding_dropout)
+        embeds = torch.where(positionless[:, None, None], without_position[index], with_position[index])
+        embeds = torch.where(drop_caption[:, None, None], empty[None], embeds)
+        timesteps = sample_timesteps(params.batch_size, 0.0, generator)
+        noise = torch.randn(params.batch_size, *latents.shape[1:], generator=generator)
+        scale = alpha_bar[timesteps].view(-1, 1, 1, 1)
+        noisy = scale.sqrt() * latents[index] + (1 - scale).sqrt() * noise
+        grounding = {
+            "boxes": boxes[index],
+            "positive_embeddings": phrase_embeds[index],
+            "masks": object_masks[index] * keep_grounding[:, None].float(),
+        }
+        prediction = gligen(noisy, timesteps, embeds, cross_attention_kwargs={"gligen": grounding}).sample
+        loss = (prediction - noise).pow(2).mean()
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine_lr(step, params.lr, params.warmup, params.steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        running += loss.item()
+        done = step + 1
+        if done % 50 == 0:
+            logger.info("step %d loss %.5f (%.1f s)", done, running / 50, time.monotonic() - tick)
+            running = 0.0
+        if done % params.checkpoint_every == 0 or done == params.steps:
+            state = {"unet": gligen.state_dict(), "optimizer": optimizer.state_dict()}
+            save_checkpoint(work, done, {**state, "rng": rng_state(numpy_rng, generator)})
+
+    # 4. Save a full model folder: the base's other parts, the GLIGEN UNet
+    if out.exists():
+        shutil.rmtree(out)
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        shutil.copytree(base / part, out / part)
+    index_file = json.loads((base / "model_index.json").read_text())
+    (out / "model_index.json").write_text(
+        json.dumps(index_file | {"_class_name": "StableDiffusionGLIGENPipeline"}, indent=2)
+    )
+    gligen.eval().save_pretrained(str(out / "unet"), safe_serialization=True)
+    notes = {"kind": "gligen", "base_model": base.name, "steps": params.steps}
+    (out / "atelier.json").write_text(json.dumps(notes, indent=2) + "\n")
+    logger.info("saved %s", out)
+    return gligen
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default=str(REPO_ROOT / "zoo" / "shapes-sd-tiny"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "zoo" / "shapes-sd-gligen"))
+    parser.add_argument("--work", default=str(REPO_ROOT / "zoo" / "_runs" / "gligen"))
+    parser.add_argument("--steps", type=int, default=GligenTrainParams.steps)
+    parser.add_argument("--batch-size", type=int, default=GligenTrainParams.batch_size)
+    parser.add_argument("--n-scenes", type=int, default=GligenTrainParams.n_scenes)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    params = GligenTrainParams(steps=args.steps, batch_size=args.batch_size, n_scenes=args.n_scenes)
+    train_gligen(Path(args.base), Path(args.out), Path(args.work), params, args.resume)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
