@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
-from contract.params.common import GuidanceScale, ImageRef, JobRequest, NegativePrompt, Prompt, Steps
+from contract.params.common import ControlledRequest, GuidanceScale, ImageRef, NegativePrompt, Prompt, Steps
 from contract.spec import MethodSpec
 
 
-class RegionEditRequest(JobRequest):
+class RegionEditRequest(ControlledRequest):
     """Edit the masked region of an image towards the prompt; outside the (slightly dilated) mask the
     output is the input, pixel for pixel.
 
@@ -44,8 +44,15 @@ class RegionEditRequest(JobRequest):
     sparse: bool = Field(
         default=True,
         description="Spatially sparse inference (SIGE): recompute only the tiles the mask touches, reusing "
-        "the original image's activations. false runs the dense UNet (the reference result).",
+        "the original image's activations. false runs the dense UNet (the reference result). Controls and "
+        "grounding need false.",
     )
+
+    @model_validator(mode="after")
+    def _controls_are_dense(self) -> RegionEditRequest:
+        if self.sparse and (self.controls or self.grounding):
+            raise ValueError("controls and grounding need sparse=false (the sparse pass cannot take them yet)")
+        return self
 
 
 SPEC = MethodSpec(
@@ -58,4 +65,5 @@ SPEC = MethodSpec(
     paper="Li et al., Efficient Spatially Sparse Inference for Conditional GANs and Diffusion Models, NeurIPS 2022; "
     "Meng et al., SDEdit, ICLR 2022",
     same_size=(("mask", "image"),),
+    control_size="image",
 )

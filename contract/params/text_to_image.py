@@ -13,7 +13,31 @@ class TextToImageRequest(ControlledRequest):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"prompt": "a large red circle at the center", "steps": 20, "seed": 1}]},
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a large red circle at the center", "steps": 20, "seed": 1},
+                {
+                    "prompt": "a large red circle",
+                    "controls": [
+                        {
+                            "model": "shapes-controlnet-canny",
+                            "condition": "file_0123456789abcdef01234567",
+                            "preprocessor": "canny",
+                            "scale": 1.0,
+                        }
+                    ],
+                },
+                {
+                    "prompt": "a red circle and a blue square",
+                    "model": "shapes-sd-gligen",
+                    "grounding": [
+                        {"phrase": "a red circle", "box": [0.0, 0.0, 0.5, 0.5]},
+                        {"phrase": "a blue square", "box": [0.5, 0.5, 1.0, 1.0]},
+                    ],
+                    "grounding_fraction": 0.5,
+                },
+            ]
+        },
     )
 
     prompt: Prompt

@@ -15,10 +15,12 @@ premise of SIGE. `sparse=False` runs the same loop with the plain dense UNet: th
 result approximates.
 
 Implemented: the mask is white = edit (luminance > 127), a latent cell is edited when any of its pixels
-is, dilated by `dilation` cells; DDIM, classifier-free guidance.
+is, dilated by `dilation` cells; DDIM, classifier-free guidance; with `sparse=False`, the controls of
+`models/control/` (`inputs["controls"]`, `["t2i_adapters"]`, `["grounding"]`) steer the edit pass.
 Not implemented: sparse VAE encoding and decoding (SIGE also does them), and reusing the original's
 activations across jobs: the record pass runs in the job, so a sparse job does more UNet work than a
-dense one; `metrics` report the edit passes and the record passes separately.
+dense one; `metrics` report the edit passes and the record passes separately. Controls with `sparse`: the
+recorded activations would have to include the control residuals of both latents; refused for now.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +41,7 @@ from models.common.latents import decode, encode, images_to_tensor, randn, tenso
 from models.common.sampling import guided_noise, start_timesteps
 from models.common.sparse import sparse_inference
 from models.common.text import check_prompt, encode_prompts
+from models.control.inputs import ControlInputs, control_inputs
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ def latent_mask(mask: Image.Image, factor: int, dilation: int) -> torch.Tensor:
     return cells[0, 0] > 0
 
 
-def check_inputs(components: Components, params: Params, inputs: dict[str, Image.Image]) -> None:
+def check_inputs(components: Components, params: Params, inputs: dict[str, Any]) -> None:
     """Raise ValueError naming the first bad value."""
     if not 0.0 < params.strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {params.strength}")
@@ -86,6 +91,8 @@ def check_inputs(components: Components, params: Params, inputs: dict[str, Image
         raise ValueError(f"mask size must equal the image size {width}x{height}, got {mask.size[0]}x{mask.size[1]}")
     if not (np.asarray(mask.convert("L")) > 127).any():
         raise ValueError("mask has no white pixels: nothing to edit (white marks the region to edit)")
+    if params.sparse and any(inputs.get(name) for name in ("controls", "t2i_adapters", "grounding")):
+        raise ValueError("controls and grounding need sparse=false (the sparse pass cannot take them yet)")
     check_prompt(components.tokenizer, params.prompt)
     check_prompt(components.tokenizer, params.negative_prompt, "negative_prompt")
 
@@ -94,7 +101,7 @@ def check_inputs(components: Components, params: Params, inputs: dict[str, Image
 def run(
     components: Components,
     params: Params,
-    inputs: dict[str, Image.Image],
+    inputs: dict[str, Any],
     *,
     generator: torch.Generator,
     callback: ProgressCallback = no_progress,
@@ -105,6 +112,19 @@ def run(
     """
     # 1. Check inputs
     check_inputs(components, params, inputs)
+    with control_inputs(components, inputs, *inputs["image"].size) as control:
+        return _edit(components, params, inputs, generator, callback, control)
+
+
+def _edit(
+    components: Components,
+    params: Params,
+    inputs: dict[str, Any],
+    generator: torch.Generator,
+    callback: ProgressCallback,
+    control: ControlInputs,
+) -> MethodOutput:
+    """Steps 2-6 of `run`, inside its control context."""
     image = inputs["image"]
     factor = components.vae_scale
 
@@ -141,7 +161,11 @@ def run(
                 record_seconds += time.perf_counter() - started
             started = time.perf_counter()
             model_input = scheduler.scale_model_input(latents, timestep)
-            eps = guided_noise(components.unet, model_input, timestep, cond, uncond, params.guidance_scale)
+            extras = None
+            if control:
+                control.step(index, len(timesteps))
+                extras = partial(control.extras, index, len(timesteps))
+            eps = guided_noise(components.unet, model_input, timestep, cond, uncond, params.guidance_scale, extras)
             edit_seconds += time.perf_counter() - started
             latents = scheduler.step(eps, timestep, latents).prev_sample
             callback(index + 1, len(timesteps))

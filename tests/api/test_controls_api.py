@@ -15,6 +15,7 @@ from tests.images import b64, png_bytes
 
 T2I = "/v1/generations/text-to-image"
 SDEDIT = "/v1/edits/sdedit"
+REGION = "/v1/edits/region-edit"
 
 
 def control(condition: str, **fields: Any) -> dict[str, Any]:

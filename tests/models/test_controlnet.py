@@ -13,7 +13,7 @@ from PIL import Image
 from models.common.components import Components
 from models.control.controlnet import Control, condition_tensor
 from models.control.preprocess import preprocess
-from models.editing import sdedit
+from models.editing import region_edit, sdedit
 from models.generation import text_to_image
 from models.shapes.world import Scene, ShapeObject, render
 from tests import control_models
@@ -149,3 +149,27 @@ def test_controlnet_steers_sdedit_and_scale_zero_is_plain_sdedit(
     assert np.abs(edit([control(components, controlnets[0], edge_map)]) - plain).max() > 8
     with pytest.raises(ValueError, match=r"controls\[0\].condition size must match the image size 64x64, got 32x32"):
         edit([control(components, controlnets[0], Image.new("RGB", (32, 32)))])
+
+
+def test_controlnet_steers_a_dense_region_edit_and_is_refused_with_sparse(
+    components: Components, controlnets: list[ControlNetModel], edge_map: Image.Image
+) -> None:
+    """Dense region edit: scale 0 is the plain edit exactly; a control changes the region and nothing outside it;
+    the sparse pass refuses controls."""
+    scene = Scene((ShapeObject("square", "blue", "large", "center", "solid"),), "light")
+    source = Image.fromarray(render(scene, 64).image)
+    mask = Image.fromarray((render(scene, 64).masks[0] * 255).astype(np.uint8))
+
+    def edit(controls: list[Control], sparse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        params = region_edit.Params("a large red circle at the center", strength=0.8, steps=6, sparse=sparse)
+        inputs = {"image": source, "mask": mask, "controls": controls}
+        out = region_edit.run(components, params, inputs, generator=gen(2))
+        return pixels(out.images[0]), np.asarray(out.extra_images["region"]) > 0
+
+    plain, region = edit([])
+    np.testing.assert_array_equal(edit([control(components, controlnets[0], edge_map, scale=0.0)])[0], plain)
+    steered, _ = edit([control(components, controlnets[0], edge_map)])
+    assert np.abs(steered - plain)[region].max() > 8
+    np.testing.assert_array_equal(steered[~region], pixels(source)[~region])
+    with pytest.raises(ValueError, match="controls and grounding need sparse=false"):
+        edit([control(components, controlnets[0], edge_map)], sparse=True)

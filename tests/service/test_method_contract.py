@@ -5,16 +5,17 @@ bounds) and the `Params` dataclass of its runner in `models/` (what `run` reads)
 the job's params by name. This walks every registered spec, imports its runner as the worker does, and proves:
 
 - the runner provides what the spec declares (`load_runner`: resumable, class images);
-- names: every field of the request reaches `Params` except the job options (model, seed, adapters, callback),
-  the image fields (they arrive as `inputs`) and a training's adapter name; a `Params` field the request does not
-  carry has a default (a runner-only knob);
+- names: every field of the request reaches `Params` except the job options (model, seed, adapters, callback,
+  controls, grounding), the image fields (they arrive as `inputs`) and a training's adapter name; a `Params` field
+  the request does not carry has a default (a runner-only knob);
 - types: what the request accepts, `Params` is declared to take (an int where a float is taken is fine);
 - defaults: where both have one they are equal (a JSON list is a tuple's equal; a request's `None`, "not
   given", matches an empty `Params` default);
 - bounds: each `Params` default passes the request field's own constraints (ranges, lengths, patterns, choices),
   as does each request default (pydantic does not check defaults);
 - the request's OpenAPI examples convert into `Params` with their values intact;
-- the request refuses adapters exactly when the spec declares `adapters="none"`.
+- the request refuses adapters exactly when the spec declares `adapters="none"`;
+- the request takes controls exactly when the spec says where the made image's size comes from.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from contract.params.common import ADAPTER_NAME_FIELD, JobRequest
+from contract.params.common import ADAPTER_NAME_FIELD, ControlledRequest, JobRequest
 from contract.registry import methods
 from contract.spec import MethodSpec
 from worker.runners import load_runner, method_params, runner_problems
@@ -107,7 +108,8 @@ def examples(spec: MethodSpec) -> list[dict[str, Any]]:
 
 def service_fields(spec: MethodSpec) -> set[str]:
     """Request fields the service reads itself instead of passing them to the method."""
-    return {*JobRequest.model_fields, *spec.image_fields, *spec.image_list_fields, ADAPTER_NAME_FIELD}
+    options = {*JobRequest.model_fields, *ControlledRequest.model_fields}
+    return {*options, *spec.image_fields, *spec.image_list_fields, ADAPTER_NAME_FIELD}
 
 
 def disagreements(spec: MethodSpec, params_cls: type) -> list[str]:
@@ -185,6 +187,17 @@ def test_the_request_takes_adapters_as_the_spec_declares(spec: MethodSpec) -> No
         assert [error["loc"] for error in exc.errors()] == [("adapters",)]
     else:
         assert spec.adapters != "none", f"{spec.kind} declares adapters='none' but its request takes them"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[spec.kind for spec in SPECS])
+def test_a_method_takes_controls_exactly_when_its_spec_says_where_its_size_comes_from(spec: MethodSpec) -> None:
+    """`control_size` names params or an image field of the request; only then does the request take controls."""
+    controlled = issubclass(spec.request, ControlledRequest)
+    assert controlled == (spec.control_size is not None), spec.kind
+    if isinstance(spec.control_size, tuple):
+        assert set(spec.control_size) <= set(spec.request.model_fields)
+    elif spec.control_size is not None:
+        assert spec.control_size in spec.image_fields
 
 
 # The checks catch what they claim to: a request and a runner that disagree in each way.
