@@ -212,13 +212,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=ControlTrainParams.steps)
     parser.add_argument("--batch-size", type=int, default=ControlTrainParams.batch_size)
     parser.add_argument("--n-scenes", type=int, default=ControlTrainParams.n_scenes)
+    parser.add_argument("--lr", type=float, default=ControlTrainParams.lr)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     params = ControlTrainParams(
-        condition=args.condition, kind=args.kind, steps=args.steps, batch_size=args.batch_size, n_scenes=args.n_scenes
+        condition=args.condition,
+        kind=args.kind,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        n_scenes=args.n_scenes,
+        lr=args.lr,
     )
     out = Path(args.out or REPO_ROOT / "zoo" / f"shapes-{args.kind}-{args.condition}")
     work = Path(args.work or REPO_ROOT / "zoo" / "_runs" / f"{args.kind}-{args.condition}")
