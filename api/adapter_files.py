@@ -1,10 +1,11 @@
 """Checking an uploaded adapter file by its content, against the base model it is for (no torch, no pickle).
 
 The file must parse as safetensors (`safetensors.deserialize`: a pickle, a truncated file or a bad header fails),
-hold float tensors only, and fit the named base model: LoRA pairs A (r, in) / B (out, r) for linear layers the
-model has (shapes read from the model's own safetensors headers), a textual-inversion embedding (n, D) with the
-text encoder's width D and a token the tokenizer does not know. Nothing here loads weights into memory as objects
-that could run code; `torch.load` is never used anywhere in Atelier.
+hold finite float tensors only (NaN or Inf weights would make black images; read as bits with numpy), and fit the
+named base model: LoRA pairs A (r, in) / B (out, r) for linear layers the model has (shapes read from the model's
+own safetensors headers), a textual-inversion embedding (n, D) with the text encoder's width D and a token the
+tokenizer does not know. Nothing here loads weights into memory as objects that could run code; `torch.load` is
+never used anywhere in Atelier.
 """
 
 from __future__ import annotations
@@ -14,11 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors
 
 from api.errors import invalid
 
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "float16", "bfloat16", "float32"})
+EXPONENT_BITS = {  # dtype -> (its bits as an unsigned little-endian integer, the exponent mask: all ones is NaN/Inf)
+    "F16": ("<u2", 0x7C00),
+    "float16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80),
+    "bfloat16": ("<u2", 0x7F80),
+    "F32": ("<u4", 0x7F800000),
+    "float32": ("<u4", 0x7F800000),
+}
 MAX_TENSORS = 4096
 MAX_VECTORS = 8
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -75,9 +85,19 @@ def parse(data: bytes, field: str = "file") -> tuple[dict[str, tuple[str, list[i
     bad = [name for name, (dtype, _) in tensors.items() if dtype not in FLOAT_DTYPES]
     if bad:
         raise invalid(field, f"tensor {bad[0]!r} is {tensors[bad[0]][0]}, only float tensors are accepted")
+    for name, info in entries:
+        if not finite(str(info["dtype"]), info["data"]):
+            raise invalid(field, f"tensor {name!r} holds NaN or infinite values")
     raw_metadata = header.get("__metadata__") or {}
     metadata = {str(k): str(v) for k, v in raw_metadata.items()} if isinstance(raw_metadata, dict) else {}
     return tensors, metadata
+
+
+def finite(dtype: str, data: bytes | bytearray) -> bool:
+    """Whether every value of a float tensor's raw bytes is finite: no value has its exponent bits all set."""
+    unsigned, mask = EXPONENT_BITS[dtype]
+    bits = np.frombuffer(data, dtype=unsigned)
+    return not bool(np.any((bits & mask) == mask))
 
 
 def check_lora(data: bytes, model_folder: Path, token: str, field: str = "file") -> CheckedAdapter:

@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
+from api.errors import unauthorized
 from store.artifacts import ArtifactStore
 from store.db import session_factory
 from store.settings import Settings
@@ -59,10 +59,10 @@ def get_tenant(settings: SettingsDep, session: SessionDep, credentials: Credenti
             session.commit()
         return tenant
     if credentials is None or not credentials.credentials:
-        raise ApiError(401, "unauthorized", "missing API key (Authorization: Bearer …)")
+        raise unauthorized("missing API key (Authorization: Bearer …)")
     tenant = tenant_for_key(session, credentials.credentials)
     if tenant is None:
-        raise ApiError(401, "unauthorized", "invalid or revoked API key")
+        raise unauthorized("invalid or revoked API key")
     return tenant
 
 
@@ -73,7 +73,7 @@ def require_admin(settings: SettingsDep, credentials: Credentials) -> None:
     """The admin key from settings; admin routes are closed when none is configured."""
     presented = credentials.credentials if credentials else ""
     if not settings.admin_key or not hmac.compare_digest(presented.encode(), settings.admin_key.encode()):
-        raise ApiError(401, "unauthorized", "admin key required")
+        raise unauthorized("admin key required")
 
 
 AdminDep = Annotated[None, Depends(require_admin)]

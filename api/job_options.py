@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.catalog import control_misfit, find_control, find_model, model_for
 from api.errors import invalid, not_found
+from api.webhook_targets import check_callback_url
 from contract.params.common import AdapterRef, ControlledRequest, JobRequest
 from contract.spec import MethodSpec
 from store.adapters import get_adapter
@@ -107,6 +108,7 @@ def resolve_options(
 ) -> JobOptions:
     """The request's job options checked and resolved (a 422 or 404 names the field at fault)."""
     model = resolve_model(spec, request.model, settings)
+    check_callback_url(request.callback_url, settings)
     return JobOptions(
         model=model,
         seed=request.seed,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import and_, or_, select, update
@@ -236,11 +236,14 @@ def encode_cursor(job: Job) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """Raises ValueError for a cursor this service did not issue."""
+    """Raises ValueError for a cursor this service did not issue (a naive or out-of-range time included)."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, job_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        return datetime.fromisoformat(created), str(job_id)
+        moment = datetime.fromisoformat(created)
+        if moment.tzinfo is None or not isinstance(job_id, str):
+            raise ValueError("naive time or no job id")
+        return moment.astimezone(UTC), job_id  # OverflowError past year 1 or 9999 in UTC
     except Exception as exc:
         raise ValueError("invalid cursor") from exc
 

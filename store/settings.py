@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     webhook_secret: str = "change-me"
     webhook_max_attempts: int = 5
     webhook_timeout: float = 5.0
+    webhook_allow_private: str = Field(
+        default="",
+        description="Comma-separated hosts, addresses and CIDRs that webhooks may reach although they are not public "
+        "(e.g. `hooks.internal,10.0.0.0/8`); every other private, loopback or link-local target is refused.",
+    )
 
 
 @lru_cache(maxsize=1)

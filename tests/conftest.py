@@ -69,6 +69,7 @@ def env_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "ATELIER_MODELS_DIR": os.environ.get("ATELIER_TEST_MODELS_DIR") or str(_test_models(base / "models")),
         "ATELIER_ADMIN_KEY": ADMIN_KEY,
         "ATELIER_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "ATELIER_WEBHOOK_ALLOW_PRIVATE": "127.0.0.1",  # the webhook tests' receivers listen on 127.0.0.1
         "ATELIER_JOB_LEASE_SECONDS": "3",
         "ATELIER_REPUBLISH_AFTER_SECONDS": "2",
         "ATELIER_RECONCILE_INTERVAL": "1",

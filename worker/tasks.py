@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
+from contract.webhook_targets import Allowlist, TargetRefused
 from store.artifacts import artifact_store
 from store.db import session_factory
 from store.migrate import upgrade
@@ -64,6 +65,7 @@ def deliver_webhook(self: Any, job_id: str) -> str:
     from worker.webhooks import deliver
 
     settings = get_settings()
+    allow = Allowlist.parse(settings.webhook_allow_private)
     with session_factory(settings.database_url)() as session:
         job = session.get(Job, job_id)
         if job is None or not job.callback_url or job.webhook_delivered_at is not None:
@@ -71,8 +73,11 @@ def deliver_webhook(self: Any, job_id: str) -> str:
         job.webhook_attempts += 1
         session.commit()
         try:
-            status = deliver(job, settings.webhook_secret, settings.webhook_timeout)
+            status = deliver(job, settings.webhook_secret, settings.webhook_timeout, allow)
             ok = 200 <= status < 300
+        except TargetRefused as exc:  # the rule will not change its mind: no retry
+            log.warning("webhook for %s refused: %s", job_id, exc)
+            return "refused"
         except Exception:
             ok = False
         if ok:

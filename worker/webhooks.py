@@ -10,6 +10,7 @@ import time
 import httpx
 
 from contract.jobs import JobOut
+from contract.webhook_targets import Allowlist, check_target
 from store.tables import Job
 
 
@@ -19,9 +20,13 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={digest}"
 
 
-def deliver(job: Job, secret: str, timeout: float) -> int:
-    """POST the job to its callback URL; returns the HTTP status (raises on a network error)."""
+def deliver(job: Job, secret: str, timeout: float, allow: Allowlist) -> int:
+    """POST the job to its callback URL; returns the HTTP status (raises on a network error).
+
+    The target is checked again first, as at submission, against what its name resolves to now: TargetRefused
+    for a private address, TargetUnresolved for a name that does not resolve. Redirects are not followed."""
     assert job.callback_url
+    check_target(job.callback_url, allow)
     body = json.dumps({"event": f"job.{job.state}", "job": JobOut.of(job).model_dump(mode="json")}).encode()
     timestamp = str(int(time.time()))
     headers = {
@@ -30,5 +35,5 @@ def deliver(job: Job, secret: str, timeout: float) -> int:
         "X-Atelier-Timestamp": timestamp,
         "X-Atelier-Signature": sign(secret, timestamp, body),
     }
-    response = httpx.post(job.callback_url, content=body, headers=headers, timeout=timeout)
+    response = httpx.post(job.callback_url, content=body, headers=headers, timeout=timeout, follow_redirects=False)
     return response.status_code

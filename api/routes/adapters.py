@@ -110,6 +110,7 @@ def download_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep, ar
             "Content-Disposition": f'attachment; filename="{row.id}.safetensors"',
             "ETag": f'"{sha256}"',
             "Cache-Control": "private",
+            "X-Content-Type-Options": "nosniff",
         },
     )
 

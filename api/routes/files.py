@@ -63,6 +63,5 @@ def download_file(file_id: str, tenant: TenantDep, session: SessionDep, artifact
         data = artifacts.get(row.key)
     except ArtifactNotFound as exc:
         raise not_found("file", file_id) from exc
-    return Response(
-        content=data, media_type=row.content_type, headers={"ETag": f'"{row.sha256}"', "Cache-Control": "private"}
-    )
+    headers = {"ETag": f'"{row.sha256}"', "Cache-Control": "private", "X-Content-Type-Options": "nosniff"}
+    return Response(content=data, media_type=row.content_type, headers=headers)

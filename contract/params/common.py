@@ -1,10 +1,13 @@
-"""Fields shared by every job request."""
+"""Fields shared by every job request.
+
+Numbers are `StrictInt` / `StrictFloat`: JSON `true` is not 1 and `"25"` is not 25 (a float still takes an int).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from contract.spec import IMAGE_FIELD_MARK, IMAGE_LIST_FIELD_MARK
 
@@ -14,9 +17,9 @@ Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, descrip
 NegativePrompt = Annotated[
     str, Field(max_length=MAX_PROMPT_CHARS, description="What to steer away from (the unconditional prompt).")
 ]
-Steps = Annotated[int, Field(ge=1, le=200, description="DDIM denoising steps.")]
+Steps = Annotated[StrictInt, Field(ge=1, le=200, description="DDIM denoising steps.")]
 GuidanceScale = Annotated[
-    float, Field(ge=1.0, le=30.0, description="Classifier-free guidance scale w; 1 turns guidance off.")
+    StrictFloat, Field(ge=1.0, le=30.0, description="Classifier-free guidance scale w; 1 turns guidance off.")
 ]
 ImageRef = Annotated[
     str,
@@ -47,7 +50,7 @@ class AdapterRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1, max_length=40, pattern=r"^adp_[0-9a-f]+$", description="An adapter id (`adp_…`).")
-    scale: float = Field(
+    scale: StrictFloat = Field(
         default=1.0, ge=-2.0, le=2.0, description="Strength: 1 as trained, 0 off (LoRA, DreamBooth, Perfusion...)."
     )
 
@@ -63,7 +66,7 @@ class JobRequest(BaseModel):
         description="Base model name from `GET /v1/models`; default: the server's, or, where the method needs a "
         "capability the default lacks (instruct-pix2pix), the first model that has it.",
     )
-    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the job's random generator.")
+    seed: StrictInt = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the job's random generator.")
     callback_url: AnyHttpUrl | None = Field(
         default=None, description="Receives a signed POST (X-Atelier-Signature) when the job ends."
     )
@@ -108,12 +111,20 @@ class ControlRef(BaseModel):
         "image (a photo), `scribble`: a drawing binarized to white strokes; both resize the image to the job's size "
         "first, so its aspect ratio must match.",
     )
-    low_threshold: int = Field(default=100, ge=0, le=255, description="canny: gradients below are never edges.")
-    high_threshold: int = Field(default=200, ge=0, le=255, description="canny: gradients above always are.")
-    threshold: int = Field(default=127, ge=0, le=255, description="scribble: grey level between stroke and paper.")
-    scale: float = Field(default=1.0, ge=0.0, le=2.0, description="Conditioning strength; 0 turns the control off.")
-    start: float = Field(default=0.0, ge=0.0, lt=1.0, description="ControlNet: first fraction of steps it acts on.")
-    end: float = Field(default=1.0, gt=0.0, le=1.0, description="ControlNet: fraction of steps after which it stops.")
+    low_threshold: StrictInt = Field(default=100, ge=0, le=255, description="canny: gradients below are never edges.")
+    high_threshold: StrictInt = Field(default=200, ge=0, le=255, description="canny: gradients above always are.")
+    threshold: StrictInt = Field(
+        default=127, ge=0, le=255, description="scribble: grey level between stroke and paper."
+    )
+    scale: StrictFloat = Field(
+        default=1.0, ge=0.0, le=2.0, description="Conditioning strength; 0 turns the control off."
+    )
+    start: StrictFloat = Field(
+        default=0.0, ge=0.0, lt=1.0, description="ControlNet: first fraction of steps it acts on."
+    )
+    end: StrictFloat = Field(
+        default=1.0, gt=0.0, le=1.0, description="ControlNet: fraction of steps after which it stops."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ControlRef:
@@ -130,7 +141,7 @@ class GroundingBox(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     phrase: str = Field(min_length=1, max_length=200, description="What goes in the box, e.g. `a red circle`.")
-    box: tuple[float, float, float, float] = Field(
+    box: tuple[StrictFloat, StrictFloat, StrictFloat, StrictFloat] = Field(
         description="[x0, y0, x1, y1] in [0, 1], top left to bottom right; x0 < x1 and y0 < y1."
     )
 
@@ -158,7 +169,7 @@ class ControlledRequest(JobRequest):
         max_length=MAX_GROUNDING_BOXES,
         description="GLIGEN grounding: phrases and their boxes. Needs a base model with the `gligen` capability.",
     )
-    grounding_fraction: float = Field(
+    grounding_fraction: StrictFloat = Field(
         default=0.3,
         gt=0.0,
         le=1.0,
@@ -197,11 +208,11 @@ class TrainingRequest(JobRequest):
     token: ConceptToken
     class_word: ClassWord = ""
     name: str = Field(default="", max_length=200, description="The adapter's name in the registry; default: token.")
-    steps: int = Field(default=300, ge=1, le=20000, description="Optimisation steps.")
-    learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="AdamW learning rate.")
-    batch_size: int = Field(default=4, ge=1, le=64, description="Images per step.")
+    steps: StrictInt = Field(default=300, ge=1, le=20000, description="Optimisation steps.")
+    learning_rate: StrictFloat = Field(default=1e-3, gt=0, le=1.0, description="AdamW learning rate.")
+    batch_size: StrictInt = Field(default=4, ge=1, le=64, description="Images per step.")
     flip: bool = Field(default=False, description="Also train on mirrored images (not for asymmetric subjects).")
-    checkpoint_every: int = Field(
+    checkpoint_every: StrictInt = Field(
         default=50, ge=1, le=20000, description="Steps between checkpoints; a restarted job resumes from the last."
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 from contract.params.common import ConceptToken, TrainingRequest
 from contract.params.dreambooth import BatchSize, LearningRate, RequiredClassWord, TrainingSteps
@@ -47,10 +47,12 @@ class CustomDiffusionRequest(TrainingRequest):
     learning_rate: LearningRate = 1e-3
     batch_size: BatchSize = 2
     regularization: bool = Field(default=True, description="Add the loss on class images the base model generates.")
-    prior_loss_weight: float = Field(default=1.0, ge=0.0, le=10.0, description="Weight of the regularisation loss.")
-    num_class_images: int = Field(default=8, ge=1, le=200, description="Regularisation images per concept.")
-    class_steps: int = Field(default=25, ge=1, le=200, description="DDIM steps of each regularisation image.")
-    class_guidance_scale: float = Field(default=7.5, ge=1.0, le=30.0, description="Guidance of those images.")
+    prior_loss_weight: StrictFloat = Field(
+        default=1.0, ge=0.0, le=10.0, description="Weight of the regularisation loss."
+    )
+    num_class_images: StrictInt = Field(default=8, ge=1, le=200, description="Regularisation images per concept.")
+    class_steps: StrictInt = Field(default=25, ge=1, le=200, description="DDIM steps of each regularisation image.")
+    class_guidance_scale: StrictFloat = Field(default=7.5, ge=1.0, le=30.0, description="Guidance of those images.")
     second_images: OptionalTrainingImages = Field(default=None, validate_default=True)
     second_token: ConceptToken | None = None
     second_class_word: RequiredClassWord | None = None

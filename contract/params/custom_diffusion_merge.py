@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, StrictInt, field_validator
 
 from contract.params.common import AdapterRef, JobRequest
 from contract.spec import MethodSpec
@@ -25,7 +25,7 @@ class CustomDiffusionMergeRequest(JobRequest):
         "`scale` is ignored.",
     )
     name: str = Field(default="", max_length=200, description="The merged adapter's name in the registry.")
-    regularization_captions: int = Field(
+    regularization_captions: StrictInt = Field(
         default=200, ge=8, le=2000, description="Captions whose text features the merged K/V keep (the objective)."
     )
 

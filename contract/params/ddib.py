@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictFloat
 
 from contract.params.common import ImageRef, JobRequest, Prompt
 from contract.params.ddim_inversion import InversionSteps
@@ -31,7 +31,7 @@ class DDIBRequest(JobRequest):
     source_prompt: Prompt = Field(description="Describes the input image (the source domain).")
     target_prompt: Prompt = Field(description="Describes the wanted image (the target domain).")
     steps: InversionSteps = 50
-    guidance_scale: float = Field(
+    guidance_scale: StrictFloat = Field(
         default=3.0,
         ge=1.0,
         le=30.0,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt
 
 from contract.params.common import MAX_PROMPT_CHARS, ImageRef, JobRequest
 from contract.spec import MethodSpec
 
 InversionSteps = Annotated[
-    int, Field(ge=1, le=200, description="DDIM steps each way (inversion, then reconstruction); more is more exact.")
+    StrictInt,
+    Field(ge=1, le=200, description="DDIM steps each way (inversion, then reconstruction); more is more exact."),
 ]
 
 
@@ -37,7 +38,7 @@ class DDIMInversionRequest(JobRequest):
         description="The image's caption, used both ways; empty inverts with the unconditional model.",
     )
     steps: InversionSteps = 50
-    guidance_scale: float = Field(
+    guidance_scale: StrictFloat = Field(
         default=1.0,
         ge=1.0,
         le=30.0,

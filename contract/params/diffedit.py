@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt
 
 from contract.params.common import MAX_PROMPT_CHARS, GuidanceScale, ImageRef, JobRequest, Prompt
 from contract.params.ddim_inversion import InversionSteps
@@ -34,17 +34,17 @@ class DiffEditRequest(JobRequest):
         max_length=MAX_PROMPT_CHARS,
         description="R: describes the input image; empty compares Q with the unconditional model.",
     )
-    encoding_ratio: float = Field(
+    encoding_ratio: StrictFloat = Field(
         default=0.5,
         gt=0.0,
         le=1.0,
         description="r = t_r / T, how far the input is DDIM-encoded: higher allows larger edits, lower keeps more.",
     )
-    mask_threshold: float = Field(
+    mask_threshold: StrictFloat = Field(
         default=0.5, gt=0.0, le=1.0, description="Binarisation threshold of the rescaled noise-difference map."
     )
-    n_mask_samples: int = Field(default=10, ge=1, le=64, description="Noise seeds averaged for the mask.")
-    mask_dilation: int = Field(default=0, ge=0, le=8, description="Grow the mask by this many latent cells.")
+    n_mask_samples: StrictInt = Field(default=10, ge=1, le=64, description="Noise seeds averaged for the mask.")
+    mask_dilation: StrictInt = Field(default=0, ge=0, le=8, description="Grow the mask by this many latent cells.")
     steps: InversionSteps = 50
     guidance_scale: GuidanceScale = 7.5
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 from contract.params.common import MAX_PROMPT_CHARS, JobRequest
 from contract.spec import IMAGE_FIELD_MARK, IMAGE_LIST_FIELD_MARK, MethodSpec
@@ -93,21 +93,21 @@ class DiffusionClassifierRequest(JobRequest):
         description='The prompt of a class name: "{}" is replaced by the name, e.g. "a {} on a light background".',
         validate_default=True,
     )
-    samples_per_stage: list[Annotated[int, Field(ge=1, le=MAX_SAMPLES)]] = Field(
+    samples_per_stage: list[Annotated[StrictInt, Field(ge=1, le=MAX_SAMPLES)]] = Field(
         default=[4, 28],
         min_length=1,
         max_length=MAX_STAGES,
         description="(t, eps) samples added in each stage for the classes still in. One stage is the naive "
         f"protocol (the same budget for every class). The sum is at most {MAX_SAMPLES}.",
     )
-    keep_per_stage: list[Annotated[int, Field(ge=1, le=MAX_CLASSES)]] = Field(
+    keep_per_stage: list[Annotated[StrictInt, Field(ge=1, le=MAX_CLASSES)]] = Field(
         default=[5],
         max_length=MAX_STAGES - 1,
         description="Classes kept after each stage but the last (non-increasing; capped at the classes left).",
         validate_default=True,
     )
-    t_min: int = Field(default=0, ge=0, le=999, description="Smallest timestep sampled (inclusive).")
-    t_max: int = Field(
+    t_min: StrictInt = Field(default=0, ge=0, le=999, description="Smallest timestep sampled (inclusive).")
+    t_max: StrictInt = Field(
         default=1000,
         ge=1,
         le=1000,
@@ -118,7 +118,7 @@ class DiffusionClassifierRequest(JobRequest):
         default="uniform",
         description="Weight of each timestep's error: uniform (the paper's choice) or the DDPM variational bound's.",
     )
-    batch_size: int = Field(default=64, ge=1, le=256, description="(sample, class) items per UNet forward.")
+    batch_size: StrictInt = Field(default=64, ge=1, le=256, description="(sample, class) items per UNet forward.")
 
     @field_validator("images")
     @classmethod

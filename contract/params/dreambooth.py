@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt
 
 from contract.params.common import TrainingRequest
 from contract.spec import MethodSpec
 
-TrainingSteps = Annotated[int, Field(ge=1, le=20000, description="Optimisation steps.")]
-LearningRate = Annotated[float, Field(gt=0.0, le=1.0, description="AdamW learning rate.")]
-BatchSize = Annotated[int, Field(ge=1, le=64, description="Images per step (per concept).")]
+TrainingSteps = Annotated[StrictInt, Field(ge=1, le=20000, description="Optimisation steps.")]
+LearningRate = Annotated[StrictFloat, Field(gt=0.0, le=1.0, description="AdamW learning rate.")]
+BatchSize = Annotated[StrictInt, Field(ge=1, le=64, description="Images per step (per concept).")]
 RequiredClassWord = Annotated[
     str,
     Field(
@@ -50,13 +50,13 @@ class DreamBoothRequest(TrainingRequest):
     learning_rate: LearningRate = 2e-4
     batch_size: BatchSize = 2
     prior_preservation: bool = Field(default=True, description="Add the class-prior loss on base-model images.")
-    prior_loss_weight: float = Field(default=1.0, ge=0.0, le=10.0, description="lambda of the prior loss.")
-    num_class_images: int = Field(default=8, ge=1, le=200, description="Class images the base model generates.")
+    prior_loss_weight: StrictFloat = Field(default=1.0, ge=0.0, le=10.0, description="lambda of the prior loss.")
+    num_class_images: StrictInt = Field(default=8, ge=1, le=200, description="Class images the base model generates.")
     class_prompt: str = Field(
         default="", max_length=200, description="Prompt of the class images; default `a <class_word>`."
     )
-    class_steps: int = Field(default=25, ge=1, le=200, description="DDIM steps of each class image.")
-    class_guidance_scale: float = Field(default=7.5, ge=1.0, le=30.0, description="Guidance of the class images.")
+    class_steps: StrictInt = Field(default=25, ge=1, le=200, description="DDIM steps of each class image.")
+    class_guidance_scale: StrictFloat = Field(default=7.5, ge=1.0, le=30.0, description="Guidance of the class images.")
     train_text_encoder: bool = Field(default=False, description="Also fine-tune the text encoder (and the token).")
 
 

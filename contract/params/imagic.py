@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
 from contract.params.common import GuidanceScale, ImageRef, JobRequest, Prompt
 from contract.spec import MethodSpec
 
 MAX_ETAS = 8
 
-Eta = Annotated[float, Field(ge=0.0, le=2.0)]
+Eta = Annotated[StrictFloat, Field(ge=0.0, le=2.0)]
 EtaList = Annotated[list[Eta], Field(min_length=1, max_length=MAX_ETAS)]
 
 
@@ -40,15 +40,15 @@ class ImagicRequest(JobRequest):
         description=f"Interpolation weight eta of e = eta * e_tgt + (1 - eta) * e_opt, a list of up to {MAX_ETAS} "
         "(one output image each, same noise) or one number: 0 reproduces the input, 1 follows the target text.",
     )
-    embedding_steps: int = Field(
+    embedding_steps: StrictInt = Field(
         default=100, ge=0, le=2000, description="Stage A: Adam steps on the text embedding, model frozen."
     )
-    embedding_lr: float = Field(default=2e-3, gt=0.0, le=0.1, description="Stage A learning rate.")
-    finetune_steps: int = Field(
+    embedding_lr: StrictFloat = Field(default=2e-3, gt=0.0, le=0.1, description="Stage A learning rate.")
+    finetune_steps: StrictInt = Field(
         default=150, ge=0, le=5000, description="Stage B: Adam steps on a copy of the UNet with the embedding frozen."
     )
-    finetune_lr: float = Field(default=6e-5, gt=0.0, le=1e-2, description="Stage B learning rate.")
-    steps: int = Field(default=50, ge=1, le=200, description="Stage C: DDIM sampling steps per eta.")
+    finetune_lr: StrictFloat = Field(default=6e-5, gt=0.0, le=1e-2, description="Stage B learning rate.")
+    steps: StrictInt = Field(default=50, ge=1, le=200, description="Stage C: DDIM sampling steps per eta.")
     guidance_scale: GuidanceScale = 7.5
 
     @field_validator("etas", mode="before")

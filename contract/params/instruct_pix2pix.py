@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictFloat
 
 from contract.params.common import GuidanceScale, ImageRef, JobRequest, Prompt, Steps
 from contract.spec import MethodSpec
@@ -33,7 +33,7 @@ class InstructPix2PixRequest(JobRequest):
     guidance_scale: GuidanceScale = Field(
         default=7.5, description="s_T: how strongly to follow the instruction; 1 turns text guidance off."
     )
-    image_guidance_scale: float = Field(
+    image_guidance_scale: StrictFloat = Field(
         default=1.5,
         ge=1.0,
         le=30.0,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt
 
 from contract.params.common import TrainingRequest
 from contract.spec import MethodSpec
@@ -27,8 +27,8 @@ class LoraRequest(TrainingRequest):
         },
     )
 
-    rank: int = Field(default=4, ge=1, le=128, description="LoRA rank r.")
-    alpha: float = Field(default=4.0, gt=0, le=1024, description="LoRA alpha; the update is scaled by alpha / r.")
+    rank: StrictInt = Field(default=4, ge=1, le=128, description="LoRA rank r.")
+    alpha: StrictFloat = Field(default=4.0, gt=0, le=1024, description="LoRA alpha; the update is scaled by alpha / r.")
     train_text_encoder: bool = Field(default=False, description="Also adapt the text encoder's attention.")
 
 

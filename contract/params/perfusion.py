@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictFloat
 
 from contract.params.common import TrainingRequest
 from contract.params.dreambooth import BatchSize, LearningRate, RequiredClassWord, TrainingSteps
@@ -34,13 +34,13 @@ class PerfusionRequest(TrainingRequest):
     steps: TrainingSteps = 200
     learning_rate: LearningRate = 2e-3
     batch_size: BatchSize = 2
-    gate_bias: float = Field(
+    gate_bias: StrictFloat = Field(
         default=0.75,
         ge=-10.0,
         le=10.0,
         description="beta: the energy along the concept at which the gate is half open.",
     )
-    gate_temperature: float = Field(
+    gate_temperature: StrictFloat = Field(
         default=0.1, gt=0.0, le=10.0, description="tau: how sharply the gate opens around beta."
     )
 

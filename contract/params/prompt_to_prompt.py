@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 from contract.params.common import GuidanceScale, JobRequest, Prompt, Steps
 from contract.spec import IMAGE_FIELD_MARK, MethodSpec
@@ -60,19 +60,19 @@ class PromptToPromptRequest(JobRequest):
         description="`replace`: word swap, prompts of equal token counts, every map injected. `refine`: added or "
         "removed words, maps of the shared tokens injected. `reweight`: refine plus `reweight_token` scaled.",
     )
-    cross_replace_fraction: float = Field(
+    cross_replace_fraction: StrictFloat = Field(
         default=0.8,
         ge=0.0,
         le=1.0,
         description="tau: fraction of the steps (from the start) with cross-attention injected.",
     )
-    self_replace_fraction: float = Field(
+    self_replace_fraction: StrictFloat = Field(
         default=0.4, ge=0.0, le=1.0, description="Fraction of the steps with the source's self-attention maps injected."
     )
     reweight_token: Word | None = Field(
         default=None, description="A word of target_prompt whose attention is scaled (required in mode `reweight`)."
     )
-    reweight_factor: float = Field(
+    reweight_factor: StrictFloat = Field(
         default=1.0, ge=0.0, le=10.0, description="Scale of reweight_token's attention: < 1 weaker, > 1 stronger."
     )
     local_blend_words: list[Word] = Field(
@@ -80,11 +80,11 @@ class PromptToPromptRequest(JobRequest):
         max_length=8,
         description="Restrict the edit to where these words (of either prompt) attend; outside, the source is kept.",
     )
-    local_blend_threshold: float = Field(
+    local_blend_threshold: StrictFloat = Field(
         default=0.3, gt=0.0, lt=1.0, description="Local blend mask: attention above this fraction of its maximum."
     )
     image: OptionalImageRef = None
-    null_text_steps: int = Field(
+    null_text_steps: StrictInt = Field(
         default=10,
         ge=0,
         le=50,
@@ -93,8 +93,12 @@ class PromptToPromptRequest(JobRequest):
     )
     steps: Steps = 25
     guidance_scale: GuidanceScale = 7.5
-    width: int = Field(default=64, ge=8, le=2048, multiple_of=8, description="Width of a generated pair (no image).")
-    height: int = Field(default=64, ge=8, le=2048, multiple_of=8, description="Height of a generated pair (no image).")
+    width: StrictInt = Field(
+        default=64, ge=8, le=2048, multiple_of=8, description="Width of a generated pair (no image)."
+    )
+    height: StrictInt = Field(
+        default=64, ge=8, le=2048, multiple_of=8, description="Height of a generated pair (no image)."
+    )
 
     @model_validator(mode="after")
     def _words_belong_to_prompts(self) -> PromptToPromptRequest:

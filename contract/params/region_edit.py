@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, StrictFloat, model_validator
 
 from contract.params.common import ControlledRequest, GuidanceScale, ImageRef, NegativePrompt, Prompt, Steps
 from contract.spec import MethodSpec
@@ -37,7 +37,7 @@ class RegionEditRequest(ControlledRequest):
         "like `image`."
     )
     prompt: Prompt
-    strength: float = Field(default=0.75, gt=0.0, le=1.0, description="t0 / T inside the mask (SDEdit).")
+    strength: StrictFloat = Field(default=0.75, gt=0.0, le=1.0, description="t0 / T inside the mask (SDEdit).")
     steps: Steps = 25
     guidance_scale: GuidanceScale = 7.5
     negative_prompt: NegativePrompt = ""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictFloat
 
 from contract.params.common import ControlledRequest, GuidanceScale, ImageRef, NegativePrompt, Prompt, Steps
 from contract.spec import MethodSpec
@@ -38,7 +38,7 @@ class SDEditRequest(ControlledRequest):
 
     image: ImageRef
     prompt: Prompt
-    strength: float = Field(default=0.6, gt=0.0, le=1.0, description="t0 / T: 0 keeps the input, 1 ignores it.")
+    strength: StrictFloat = Field(default=0.6, gt=0.0, le=1.0, description="t0 / T: 0 keeps the input, 1 ignores it.")
     steps: Steps = 25
     guidance_scale: GuidanceScale = 7.5
     negative_prompt: NegativePrompt = ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 from contract.params.common import GuidanceScale, JobRequest, NegativePrompt, Prompt, Steps
 from contract.params.diffusion_classifier import MAX_CLASSES, MAX_SAMPLES, MAX_STAGES, check_keep, check_samples
@@ -21,7 +21,7 @@ class DatasetClass(BaseModel):
 
     label: str = Field(min_length=1, max_length=200, description="The class label written to labels.jsonl.")
     prompt: Prompt
-    count: int = Field(ge=1, le=MAX_IMAGES_PER_CLASS, description="Images to generate for this class.")
+    count: StrictInt = Field(ge=1, le=MAX_IMAGES_PER_CLASS, description="Images to generate for this class.")
 
 
 class SyntheticDatasetRequest(JobRequest):
@@ -53,21 +53,21 @@ class SyntheticDatasetRequest(JobRequest):
     steps: Steps = 25
     guidance_scale: GuidanceScale = 7.5
     negative_prompt: NegativePrompt = ""
-    width: int = Field(default=64, ge=8, le=1024, multiple_of=8, description="Image width.")
-    height: int = Field(default=64, ge=8, le=1024, multiple_of=8, description="Image height.")
-    batch_size: int = Field(default=8, ge=1, le=64, description="Images denoised together.")
+    width: StrictInt = Field(default=64, ge=8, le=1024, multiple_of=8, description="Image width.")
+    height: StrictInt = Field(default=64, ge=8, le=1024, multiple_of=8, description="Image height.")
+    batch_size: StrictInt = Field(default=8, ge=1, le=64, description="Images denoised together.")
     pseudo_label: bool = Field(
         default=False,
         description="Label every image with the Diffusion Classifier over the class prompts (needs >= 2 classes "
         "with distinct prompts) and report the agreement rate between prompt and pseudo-label.",
     )
-    pseudo_label_samples_per_stage: list[Annotated[int, Field(ge=1, le=MAX_SAMPLES)]] = Field(
+    pseudo_label_samples_per_stage: list[Annotated[StrictInt, Field(ge=1, le=MAX_SAMPLES)]] = Field(
         default=[4, 12],
         min_length=1,
         max_length=MAX_STAGES,
         description="The pseudo-labeller's (t, eps) samples per stage (see diffusion-classifier).",
     )
-    pseudo_label_keep_per_stage: list[Annotated[int, Field(ge=1, le=MAX_CLASSES)]] = Field(
+    pseudo_label_keep_per_stage: list[Annotated[StrictInt, Field(ge=1, le=MAX_CLASSES)]] = Field(
         default=[2],
         max_length=MAX_STAGES - 1,
         description="Classes the pseudo-labeller keeps after each stage but the last (non-increasing).",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictInt
 
 from contract.params.common import ControlledRequest, GuidanceScale, NegativePrompt, Prompt, Steps
 from contract.spec import MethodSpec
@@ -44,9 +44,9 @@ class TextToImageRequest(ControlledRequest):
     negative_prompt: NegativePrompt = ""
     steps: Steps = 25
     guidance_scale: GuidanceScale = 7.5
-    width: int = Field(default=64, ge=8, le=2048, multiple_of=8, description="Image width in pixels.")
-    height: int = Field(default=64, ge=8, le=2048, multiple_of=8, description="Image height in pixels.")
-    num_images: int = Field(default=1, ge=1, le=8, description="Images to generate for the prompt.")
+    width: StrictInt = Field(default=64, ge=8, le=2048, multiple_of=8, description="Image width in pixels.")
+    height: StrictInt = Field(default=64, ge=8, le=2048, multiple_of=8, description="Image height in pixels.")
+    num_images: StrictInt = Field(default=1, ge=1, le=8, description="Images to generate for the prompt.")
 
 
 SPEC = MethodSpec(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt
 
 from contract.params.common import TrainingRequest
 from contract.spec import MethodSpec
@@ -28,8 +28,8 @@ class TextualInversionRequest(TrainingRequest):
         },
     )
 
-    learning_rate: float = Field(default=5e-3, gt=0, le=1.0, description="AdamW learning rate.")
-    num_vectors: int = Field(default=1, ge=1, le=8, description="Embedding vectors the token stands for.")
+    learning_rate: StrictFloat = Field(default=5e-3, gt=0, le=1.0, description="AdamW learning rate.")
+    num_vectors: StrictInt = Field(default=1, ge=1, le=8, description="Embedding vectors the token stands for.")
     init_word: str = Field(
         default="", max_length=100, description="Word whose embedding starts the vectors; default: the class word."
     )
