@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,21 +33,11 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel  # noqa: E402
 
 from models.shapes.conditions import CONDITIONS, scene_condition  # noqa: E402
 from models.shapes.world import caption, render, sample_scene  # noqa: E402
-from zoo.data import encode_latents  # noqa: E402
-from zoo.runs import (  # noqa: E402
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng,
-    rng_state,
-    save_checkpoint,
-    warmup_cosine_lr,
-)
-from zoo.train_unet import alphas_cumprod, sample_timesteps  # noqa: E402
+from zoo.addon_training import AddonLoop, FrozenBase, Schedule  # noqa: E402
 
 logger = logging.getLogger("zoo.train_control")
 KINDS = ("controlnet", "t2i-adapter")
@@ -118,80 +107,37 @@ def train_controlnet(
     to `out`."""
     if params.kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {params.kind!r}")
-    # 1. The frozen base and the data: latents of the scenes, their conditions and token ids
-    unet = UNet2DConditionModel.from_pretrained(str(base / "unet")).requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(str(base / "vae")).requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(str(base / "text_encoder")).requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    # 1. The frozen base and the data: latents of the scenes, their conditions and caption states
+    frozen = FrozenBase.load(base)
     images, conditions, captions = render_conditioned(params.n_scenes, params.seed, params.condition)
-    latents = encode_latents(vae, images) * vae.config.scaling_factor
+    latents = frozen.latents(images)
     factor = images.shape[1] // latents.shape[-1]
-    ids = tokenizer(
-        captions + [""],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    with torch.no_grad():
-        hidden = torch.cat([text_encoder(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
+    hidden, _ = frozen.encode([*captions, ""])
     empty, hidden = hidden[-1], hidden[:-1]
     condition_pixels = torch.from_numpy(conditions).permute(0, 3, 1, 2)  # uint8, scaled per batch
 
-    # 2. The ControlNet, its optimizer, and a resume
+    # 2. The control model, its loop, and a resume
     torch.manual_seed(params.seed)
+    unet = frozen.unet
     controlnet = (controlnet_for if params.kind == "controlnet" else adapter_for)(unet, factor).train()
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=params.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(params.seed)
-    numpy_rng = np.random.default_rng([params.seed, 11])
-    start = 0
-    checkpoint = latest_checkpoint(work) if resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
-        controlnet.load_state_dict(state["controlnet"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"], numpy_rng, generator)
-        start = state["step"]
-        logger.info("resumed from %s at step %d", checkpoint, start)
-    alpha_bar = alphas_cumprod()
+    schedule = Schedule(params.steps, params.lr, params.warmup, params.checkpoint_every)
+    loop = AddonLoop(work, schedule, list(controlnet.parameters()), params.seed, 11, logger)
+    if resume:
+        loop.resume(controlnet, "controlnet")
     logger.info(
-        "ControlNet params %s, %d trainable parameters", asdict(params), sum(p.numel() for p in controlnet.parameters())
+        "%s params %s, %d trainable parameters", params.kind, asdict(params), sum(p.numel() for p in loop.trainable)
     )
 
-    # 3. Train: the base's epsilon loss with the ControlNet's residuals added
-    tick, running = time.monotonic(), 0.0
-    for step in range(start, params.steps):
-        index = numpy_rng.integers(0, len(latents), params.batch_size)
-        drop = torch.from_numpy(numpy_rng.random(params.batch_size) < params.caption_dropout)
+    # 3. Train: the base's epsilon loss with the control model's residuals or features added
+    for step in range(loop.start, params.steps):
+        index = loop.numpy_rng.integers(0, len(latents), params.batch_size)
+        drop = torch.from_numpy(loop.numpy_rng.random(params.batch_size) < params.caption_dropout)
         embeds = torch.where(drop[:, None, None], empty[None], hidden[index])
-        timesteps = sample_timesteps(params.batch_size, 0.0, generator)
-        noise = torch.randn(params.batch_size, *latents.shape[1:], generator=generator)
-        scale = alpha_bar[timesteps].view(-1, 1, 1, 1)
-        noisy = scale.sqrt() * latents[index] + (1 - scale).sqrt() * noise
+        noisy, timesteps, noise = loop.noised(latents[index])
         cond = condition_pixels[index].float() / 255.0
         prediction = unet(noisy, timesteps, embeds, **unet_extras(controlnet, noisy, timesteps, embeds, cond)).sample
         loss = (prediction - noise).pow(2).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step, params.lr, params.warmup, params.steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        optimizer.step()
-        running += loss.item()
-        done = step + 1
-        if done % 50 == 0:
-            logger.info("step %d loss %.5f (%.1f s)", done, running / 50, time.monotonic() - tick)
-            running = 0.0
-        if done % params.checkpoint_every == 0 or done == params.steps:
-            save_checkpoint(
-                work,
-                done,
-                {
-                    "controlnet": controlnet.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": rng_state(numpy_rng, generator),
-                },
-            )
+        loop.step(step, loss, lambda: {"controlnet": controlnet.state_dict()})
 
     # 4. Save in diffusers' format
     controlnet.eval().save_pretrained(str(out), safe_serialization=True)

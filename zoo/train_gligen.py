@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,22 +32,12 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention import GatedSelfAttentionDense  # noqa: E402
-from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from models.control.gligen import MAX_OBJECTS  # noqa: E402
 from models.shapes.world import Scene, caption, object_phrase, render, sample_scene  # noqa: E402
-from zoo.data import encode_latents  # noqa: E402
-from zoo.runs import (  # noqa: E402
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng,
-    rng_state,
-    save_checkpoint,
-    warmup_cosine_lr,
-)
-from zoo.train_unet import alphas_cumprod, sample_timesteps  # noqa: E402
+from zoo.addon_training import AddonLoop, FrozenBase, Schedule  # noqa: E402
 
 logger = logging.getLogger("zoo.train_gligen")
 
@@ -117,42 +106,18 @@ def new_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
     return [p for module in [*fusers, unet.position_net] for p in module.parameters()]
 
 
-@torch.no_grad()
-def encode(
-    text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, texts: list[str]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden states (N, L, D), pooled (N, D)) of `texts`, padded to the tokenizer's length."""
-    hidden, pooled = [], []
-    for start in range(0, len(texts), 256):
-        ids = tokenizer(
-            texts[start : start + 256],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        out = text_encoder(ids)
-        hidden.append(out[0])
-        pooled.append(out.pooler_output)
-    return torch.cat(hidden), torch.cat(pooled)
-
-
 def train_gligen(base: Path, out: Path, work: Path, params: GligenTrainParams, resume: bool) -> UNet2DConditionModel:
     """Train the GLIGEN layers of a variant of the base model in `base`; save the model folder to `out`."""
     # 1. The frozen base and the data
-    unet = UNet2DConditionModel.from_pretrained(str(base / "unet"))
-    vae = AutoencoderKL.from_pretrained(str(base / "vae")).requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(str(base / "text_encoder")).requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    frozen = FrozenBase.load(base)
     data = render_grounded(params.n_scenes, params.seed)
-    latents = encode_latents(vae, data.images) * vae.config.scaling_factor
-    with_position, _ = encode(text_encoder, tokenizer, data.captions)
-    without_position, _ = encode(text_encoder, tokenizer, data.positionless)
-    empty = encode(text_encoder, tokenizer, [""])[0][0]
+    latents = frozen.latents(data.images)
+    with_position, _ = frozen.encode(data.captions)
+    without_position, _ = frozen.encode(data.positionless)
+    empty = frozen.encode([""])[0][0]
     unique = sorted({phrase for scene in data.phrases for phrase in scene})
-    pooled = dict(zip(unique, encode(text_encoder, tokenizer, unique)[1], strict=True))
-    width = int(unet.config.cross_attention_dim)
-    phrase_embeds = torch.zeros(params.n_scenes, MAX_OBJECTS, width)
+    pooled = dict(zip(unique, frozen.encode(unique)[1], strict=True))
+    phrase_embeds = torch.zeros(params.n_scenes, MAX_OBJECTS, int(frozen.unet.config.cross_attention_dim))
     for index, scene in enumerate(data.phrases):
         for slot, phrase in enumerate(scene):
             phrase_embeds[index, slot] = pooled[phrase]
@@ -161,39 +126,27 @@ def train_gligen(base: Path, out: Path, work: Path, params: GligenTrainParams, r
 
     # 2. The GLIGEN variant: only its new layers learn
     torch.manual_seed(params.seed)
-    gligen = gligen_variant(unet).train()
+    gligen = gligen_variant(frozen.unet).train()
     gligen.requires_grad_(False)
     trainable = new_parameters(gligen)
     for parameter in trainable:
         parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(params.seed)
-    numpy_rng = np.random.default_rng([params.seed, 17])
-    start = 0
-    checkpoint = latest_checkpoint(work) if resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
-        gligen.load_state_dict(state["unet"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"], numpy_rng, generator)
-        start = state["step"]
-        logger.info("resumed from %s at step %d", checkpoint, start)
-    alpha_bar = alphas_cumprod()
+    schedule = Schedule(params.steps, params.lr, params.warmup, params.checkpoint_every)
+    loop = AddonLoop(work, schedule, trainable, params.seed, 17, logger)
+    if resume:
+        loop.resume(gligen, "unet")
     logger.info("GLIGEN params %s, %d trainable parameters", asdict(params), sum(p.numel() for p in trainable))
 
     # 3. Train
-    tick, running = time.monotonic(), 0.0
-    for step in range(start, params.steps):
-        index = torch.from_numpy(numpy_rng.integers(0, params.n_scenes, params.batch_size))
-        positionless = torch.from_numpy(numpy_rng.random(params.batch_size) < params.positionless_fraction)
-        drop_caption = torch.from_numpy(numpy_rng.random(params.batch_size) < params.caption_dropout)
-        keep_grounding = torch.from_numpy(numpy_rng.random(params.batch_size) >= params.grounding_dropout)
+    rng = loop.numpy_rng
+    for step in range(loop.start, params.steps):
+        index = torch.from_numpy(rng.integers(0, params.n_scenes, params.batch_size))
+        positionless = torch.from_numpy(rng.random(params.batch_size) < params.positionless_fraction)
+        drop_caption = torch.from_numpy(rng.random(params.batch_size) < params.caption_dropout)
+        keep_grounding = torch.from_numpy(rng.random(params.batch_size) >= params.grounding_dropout)
         embeds = torch.where(positionless[:, None, None], without_position[index], with_position[index])
         embeds = torch.where(drop_caption[:, None, None], empty[None], embeds)
-        timesteps = sample_timesteps(params.batch_size, 0.0, generator)
-        noise = torch.randn(params.batch_size, *latents.shape[1:], generator=generator)
-        scale = alpha_bar[timesteps].view(-1, 1, 1, 1)
-        noisy = scale.sqrt() * latents[index] + (1 - scale).sqrt() * noise
+        noisy, timesteps, noise = loop.noised(latents[index])
         grounding = {
             "boxes": boxes[index],
             "positive_embeddings": phrase_embeds[index],
@@ -201,20 +154,7 @@ def train_gligen(base: Path, out: Path, work: Path, params: GligenTrainParams, r
         }
         prediction = gligen(noisy, timesteps, embeds, cross_attention_kwargs={"gligen": grounding}).sample
         loss = (prediction - noise).pow(2).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step, params.lr, params.warmup, params.steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        running += loss.item()
-        done = step + 1
-        if done % 50 == 0:
-            logger.info("step %d loss %.5f (%.1f s)", done, running / 50, time.monotonic() - tick)
-            running = 0.0
-        if done % params.checkpoint_every == 0 or done == params.steps:
-            state = {"unet": gligen.state_dict(), "optimizer": optimizer.state_dict()}
-            save_checkpoint(work, done, {**state, "rng": rng_state(numpy_rng, generator)})
+        loop.step(step, loss, lambda: {"unet": gligen.state_dict()})
 
     # 4. Save a full model folder: the base's other parts, the GLIGEN UNet
     if out.exists():
