@@ -39,9 +39,12 @@ def _channels(config: dict[str, Any], key: str) -> tuple[int, ...]:
 
 
 def family(config: dict[str, Any]) -> str:
-    """The family of a UNet's or ControlNet's config (or a T2I-Adapter's, by its channels)."""
+    """The family of a UNet's or ControlNet's config (or a T2I-Adapter's, by its channels); SDXL's added text-time
+    conditioning marks it at any width."""
     if config.get("_class_name") == "T2IAdapter":
         return ADAPTER_FAMILIES.get(_channels(config, "channels"), "custom")
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
     width = config.get("cross_attention_dim")
     if not isinstance(width, int):
         return "custom"
@@ -58,12 +61,18 @@ def _control_kind(folder: Path) -> ModelKind | None:
     return CONTROL_CLASSES.get(str(_read_json(folder / "config.json").get("_class_name")))
 
 
-def describe(folder: Path, default_name: str) -> ModelOut:
-    index = _read_json(folder / "model_index.json")
-    unet = _read_json(folder / "unet" / "config.json")
-    vae = _read_json(folder / "vae" / "config.json")
+def is_sdxl(index: dict[str, Any], unet: dict[str, Any]) -> bool:
+    """An SDXL layout: a second text encoder, or a UNet with added text-time conditioning."""
+    return "text_encoder_2" in index or unet.get("addition_embed_type") == "text_time"
+
+
+def _capabilities(index: dict[str, Any], unet: dict[str, Any]) -> list[ModelCapability]:
+    """What the methods can run on the model; none for SDXL (the worker loads one text encoder and no added
+    conditioning, so every SDXL UNet call would fail)."""
+    if not unet or is_sdxl(index, unet):
+        return []
     in_channels = unet.get("in_channels")
-    capabilities: list[ModelCapability] = ["unet"] if unet else []
+    capabilities: list[ModelCapability] = ["unet"]
     if in_channels == 8:
         capabilities.append("instruct-pix2pix")
     elif in_channels == 4:
@@ -72,17 +81,28 @@ def describe(folder: Path, default_name: str) -> ModelOut:
         capabilities.append("cross-attention")
     if str(unet.get("attention_type", "")).startswith("gated"):
         capabilities.append("gligen")
+    return capabilities
+
+
+def describe(folder: Path, default_name: str) -> ModelOut:
+    index = _read_json(folder / "model_index.json")
+    unet = _read_json(folder / "unet" / "config.json")
+    vae = _read_json(folder / "vae" / "config.json")
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    in_channels = unet.get("in_channels")
     sample = unet.get("sample_size")
     blocks = vae.get("block_out_channels")
     factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) else None
+    prediction = scheduler.get("prediction_type")
     return ModelOut(
         name=folder.name,
-        family=family(unet),
+        family="sdxl" if is_sdxl(index, unet) else family(unet),
         default=folder.name == default_name,
         pipeline=str(index.get("_class_name")) if index else None,
-        capabilities=capabilities,
+        capabilities=_capabilities(index, unet),
         unet_in_channels=in_channels if isinstance(in_channels, int) else None,
         sample_size=sample * factor if isinstance(sample, int) and factor else None,
+        prediction_type=prediction if isinstance(prediction, str) else "epsilon",
     )
 
 

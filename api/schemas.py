@@ -82,3 +82,8 @@ class ModelOut(BaseModel):
     capabilities: list[ModelCapability]
     unet_in_channels: int | None
     sample_size: int | None = Field(description="Native image size in pixels.")
+    prediction_type: str | None = Field(
+        default=None,
+        description="A base model's training target, from its scheduler config: `epsilon` (the default) or "
+        "`v_prediction`; null for a control model.",
+    )

@@ -1,12 +1,14 @@
 """Untrained control models that fit the zoo model, for the tests: a ControlNet, a T2I-Adapter and a GLIGEN variant
 of the zoo UNet, each with random weights where training would have put some (the zero convolutions, the gates),
 so that a control visibly steers the output. `write_test_models` saves them in diffusers' format beside the zoo's
-base models, as a server's models directory holds them."""
+base models, as a server's models directory holds them, with an SDXL folder of configs only (no weights) for the
+catalog."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +19,59 @@ CONTROLNET = "test-controlnet-canny"
 ADAPTER = "test-t2i-adapter-sketch"
 GLIGEN = "test-sd-gligen"
 OTHER_FAMILY = "test-controlnet-other-family"
+SDXL = "test-sdxl-configs"
+
+# Stable Diffusion XL 1.0 base's configs (the parts the catalog reads), as stabilityai/stable-diffusion-xl-base-1.0
+# ships them.
+SDXL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+SDXL_VAE = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "latent_channels": 4}
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+}
+
+
+def write_configs(
+    folder: Path, index: dict[str, Any], unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]
+) -> None:
+    """A diffusers model folder of configs only (no weights): enough for the catalog, not for a worker."""
+    for name, config in {
+        "model_index.json": index,
+        "unet/config.json": unet,
+        "vae/config.json": vae,
+        "scheduler/scheduler_config.json": scheduler,
+    }.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(config))
 
 
 def tiny_controlnet(unet: UNet2DConditionModel, vae_scale: int, seed: int) -> ControlNetModel:
@@ -59,7 +114,7 @@ def gligen_unet(unet: UNet2DConditionModel, seed: int) -> UNet2DConditionModel:
 
 def write_test_models(zoo: Path, base: str, out: Path) -> None:
     """Link the zoo's models (base and control) into `out` and save the test control models there, built on
-    `base`."""
+    `base`, and the SDXL configs."""
     out.mkdir(parents=True, exist_ok=True)
     for folder in sorted(zoo.iterdir()):
         if (folder / "model_index.json").is_file() or (folder / "atelier.json").is_file():
@@ -79,3 +134,4 @@ def write_test_models(zoo: Path, base: str, out: Path) -> None:
         if part.name != "unet" and part.name != "README.md":
             (gligen / part.name).symlink_to(part.resolve(), target_is_directory=part.is_dir())
     gligen_unet(unet, seed=7).save_pretrained(gligen / "unet")
+    write_configs(out / SDXL, SDXL_INDEX, SDXL_UNET, SDXL_VAE, SDXL_SCHEDULER)

@@ -48,12 +48,23 @@ def device_policy(settings: Settings) -> DevicePolicy:
     return DevicePolicy(device=device, dtype=dtype, attention=settings.attention, threads=torch.get_num_threads())
 
 
+def weights_variant(folder: Path) -> str | None:
+    """`"fp16"` when `folder` holds only fp16-variant weights (diffusers' `variant="fp16"` layout, such as
+    `diffusion_pytorch_model.fp16.safetensors`), else None: the plain files, preferred when both are there."""
+    names = [path.name for path in folder.glob("*.safetensors")]
+    return "fp16" if names and all(".fp16" in name for name in names) else None
+
+
 def load_components(folder: Path, policy: DevicePolicy, allow_downloads: bool = False) -> Components:
-    """Load a diffusers-format model folder (safetensors only) onto the policy's device."""
-    common = {"use_safetensors": True, "local_files_only": not allow_downloads}
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=policy.dtype, **common)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=policy.dtype, **common)
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=policy.dtype, **common)
+    """Load a diffusers-format model folder (safetensors only, plain or fp16 variant) onto the policy's device."""
+    common = {"torch_dtype": policy.dtype, "use_safetensors": True, "local_files_only": not allow_downloads}
+    unet = UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", variant=weights_variant(folder / "unet"), **common
+    )
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", variant=weights_variant(folder / "vae"), **common)
+    text_encoder = CLIPTextModel.from_pretrained(
+        folder, subfolder="text_encoder", variant=weights_variant(folder / "text_encoder"), **common
+    )
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=not allow_downloads)
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     for module in (unet, vae, text_encoder):
@@ -78,12 +89,17 @@ CONTROL_CLASSES: dict[str, type[ControlNetModel] | type[T2IAdapter]] = {
 
 
 def load_control(folder: Path, policy: DevicePolicy, allow_downloads: bool = False) -> ControlNetModel | T2IAdapter:
-    """Load a ControlNet or T2I-Adapter folder (diffusers format, safetensors only) onto the policy's device."""
+    """Load a ControlNet or T2I-Adapter folder (diffusers format, safetensors only, plain or fp16 variant) onto the
+    policy's device."""
     class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
     if class_name not in CONTROL_CLASSES:
         raise ValueError(f"{folder.name} is not a ControlNet or T2I-Adapter (its config names {class_name!r})")
     model = CONTROL_CLASSES[class_name].from_pretrained(
-        folder, torch_dtype=policy.dtype, use_safetensors=True, local_files_only=not allow_downloads
+        folder,
+        torch_dtype=policy.dtype,
+        use_safetensors=True,
+        local_files_only=not allow_downloads,
+        variant=weights_variant(folder),
     )
     model.to(policy.device)
     model.eval()

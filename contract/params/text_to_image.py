@@ -56,5 +56,6 @@ SPEC = MethodSpec(
     request=TextToImageRequest,
     runner="models.generation.text_to_image",
     control_size=("width", "height"),
+    requires=("text-to-image",),
     paper="Rombach et al., High-Resolution Image Synthesis with Latent Diffusion Models, CVPR 2022",
 )

@@ -45,6 +45,12 @@ class Components:
         """Pixels per latent cell (8 for SD 1.5, 4 for the ShapesWorld zoo)."""
         return int(2 ** (len(self.vae.config.block_out_channels) - 1))
 
+    @property
+    def native_size(self) -> int:
+        """The image size the model was trained at, in pixels: the UNet's sample size times the VAE's factor
+        (512 for SD 1.5, 64 for the ShapesWorld zoo)."""
+        return int(self.unet.config.sample_size) * self.vae_scale
+
     def ddim(self) -> DDIMScheduler:
         """A fresh DDIM scheduler for one job (schedulers carry state, so they are never shared)."""
         return DDIMScheduler.from_config(self.scheduler_config)

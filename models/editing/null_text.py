@@ -16,7 +16,8 @@ With the per-step embeddings, guided sampling from z*_T reconstructs the input (
 trip), and Prompt-to-Prompt edits it by sharing them between the source and the edited branch.
 
 Implemented as in the authors' code: N = `inner_steps` Adam iterations with learning rate
-1e-2 * (1 - i / 100) at step i, early stop once the loss is below 1e-5 + 2e-5 * i, the conditional
+1e-2 * (1 - i / 100) at step i (`learning_rate`; over more than 100 steps the same linear decay is stretched to
+the run, so the rate stays positive), early stop once the loss is below 1e-5 + 2e-5 * i, the conditional
 noise computed once per step. Not implemented: negative-prompt inversion (a later, optimisation-free
 variant). `inner_steps` is the cost knob: each inner iteration is one UNet forward and backward pass.
 """
@@ -31,8 +32,15 @@ from models.common.components import ProgressCallback, no_progress
 from models.common.sampling import guided_noise
 
 LEARNING_RATE = 1e-2
+DECAY_STEPS = 100  # the authors' rate 1e-2 * (1 - i / 100) reaches 0 at step 100 (they run 50 steps)
 EARLY_STOP = 1e-5
 EARLY_STOP_PER_STEP = 2e-5
+
+
+def learning_rate(index: int, steps: int) -> float:
+    """Adam's rate at forward step `index` of `steps`: the authors' 1e-2 * (1 - i / 100) for runs of up to 100
+    steps, 1e-2 * (1 - i / steps) for longer ones (the same linear decay over the run, positive at every step)."""
+    return LEARNING_RATE * (1.0 - index / max(DECAY_STEPS, steps))
 
 
 def null_text_inversion(
@@ -65,7 +73,7 @@ def null_text_inversion(
         with torch.no_grad():
             noise_cond = unet(model_input, timestep, encoder_hidden_states=cond).sample
         null = null.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([null], lr=LEARNING_RATE * (1.0 - index / 100.0))
+        optimizer = torch.optim.Adam([null], lr=learning_rate(index, len(timesteps)))
         with torch.enable_grad():
             for _ in range(inner_steps):
                 noise_uncond = unet(model_input, timestep, encoder_hidden_states=null).sample

@@ -76,10 +76,17 @@ class ClassImageRequest:
 
 
 def generate_class_images(components: Components, request: ClassImageRequest) -> list[Image.Image]:
-    """`request.count` images the frozen base model generates for `request.prompt` (DDIM, one batch)."""
+    """`request.count` images the frozen base model generates for `request.prompt` (DDIM, one batch), at the
+    model's native size, the size the training images are brought to."""
     generator = torch.Generator("cpu").manual_seed(CLASS_IMAGES_SEED)
+    size = components.native_size
     params = text_to_image.Params(
-        prompt=request.prompt, steps=request.steps, guidance_scale=request.guidance_scale, num_images=request.count
+        prompt=request.prompt,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        width=size,
+        height=size,
+        num_images=request.count,
     )
     return text_to_image.run(components, params, generator=generator).images
 

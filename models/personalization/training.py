@@ -56,10 +56,10 @@ def training_prompts(concept: str, count: int, generator: torch.Generator) -> li
 
 @torch.no_grad()
 def images_to_latents(components: Components, images: list[Image.Image], *, flip: bool = False) -> torch.Tensor:
-    """Training images (resized to the model's 8x latent size: 64 px for the zoo) -> latents (N or 2N, 4, h, w).
+    """Training images (resized to the model's native size: 64 px for the zoo) -> latents (N or 2N, 4, h, w).
 
     With `flip`, the mirrored images follow the originals (do not use it for asymmetric subjects)."""
-    size = int(components.unet.config.sample_size) * components.vae_scale
+    size = components.native_size
     images = [image.convert("RGB") for image in images]
     if flip:
         images = images + [ImageOps.mirror(image) for image in images]

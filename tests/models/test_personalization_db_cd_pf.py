@@ -5,12 +5,13 @@ and bad input (run-level ValueErrors and the API's 422s)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -19,6 +20,7 @@ from models.common.components import Components
 from models.common.text import encode_prompts
 from models.personalization import custom_diffusion, custom_diffusion_merge, dreambooth, perfusion
 from models.personalization.common import Adapter, MemoryCheckpoints
+from models.personalization.concepts import generate_class_images
 from models.personalization.training import added_tokens
 from models.shapes.world import Scene, ShapeObject, render
 
@@ -157,6 +159,29 @@ def test_dreambooth_generates_class_images_when_none_are_given(components: Compo
         components, params, {"images": star_images()}, generator=gen(0), callback=lambda s, t: calls.append((s, t))
     )
     assert calls == [(1, 1)] and output.adapter is not None
+
+
+def at_sample_size(components: Components, sample_size: int) -> Components:
+    """The zoo model with its UNet's native sample size changed (the weights are the same: the UNet is
+    convolutional), so its native resolution is sample_size x 4 pixels."""
+    unet = UNet2DConditionModel.from_config(dict(components.unet.config) | {"sample_size": sample_size})
+    unet.load_state_dict(components.unet.state_dict())
+    return dataclasses.replace(components, unet=unet.eval())
+
+
+@pytest.mark.parametrize("sample_size", [8, 24])
+def test_class_images_are_generated_at_the_models_native_size(components: Components, sample_size: int) -> None:
+    """DreamBooth's prior images and Custom Diffusion's regularisation images come from the base model at its own
+    resolution (the training images' size), not at a fixed 64 x 64 upscaled afterwards."""
+    model = at_sample_size(components, sample_size)
+    size = sample_size * components.vae_scale
+    requests = [
+        dreambooth.class_image_requests(dreambooth.Params(token="<n>", class_word="circle", num_class_images=1)),
+        custom_diffusion.class_image_requests(custom_diffusion.Params(token="<n>", class_word="circle")),
+    ]
+    for request in (r["class_images"] for r in requests):
+        request = dataclasses.replace(request, count=1, steps=2)
+        assert [image.size for image in generate_class_images(model, request)] == [(size, size)]
 
 
 def test_dreambooth_resumes_from_checkpoint_as_if_never_stopped(components: Components) -> None:

@@ -18,6 +18,7 @@ from PIL import Image
 from bench.groups.prompt_to_prompt import color_strength, mask_iou, monotonic, object_mask, psnr
 from models.common.components import Components, MethodOutput
 from models.common.latents import decode, encode, images_to_tensor, tensor_to_images
+from models.editing import null_text
 from models.editing import prompt_to_prompt as p2p
 from models.generation import text_to_image
 from models.shapes.oracle import match_objects, read_scene, scene_correct
@@ -217,6 +218,26 @@ def test_null_text_inversion_reconstructs_a_real_image_under_guidance(
     faithful, drifting = psnr(optimised.images[0], round_trip), psnr(ddim.images[0], round_trip)
     assert faithful > drifting + 3, (faithful, drifting)
     assert np.array_equal(pixels(optimised.images[0]), pixels(optimised.images[1]))
+
+
+def test_null_text_learning_rate_stays_positive_for_every_allowed_step_count() -> None:
+    """The authors' 1e-2 * (1 - i / 100) for runs of up to 100 steps; positive and decaying at every step of the
+    longer runs the API allows (up to 200)."""
+    for steps in range(1, 201):
+        rates = [null_text.learning_rate(i, steps) for i in range(steps)]
+        assert all(0 < rate <= 1e-2 for rate in rates), steps
+        assert rates == sorted(rates, reverse=True)
+        if steps <= 100:
+            assert rates == [1e-2 * (1 - i / 100) for i in range(steps)]
+
+
+def test_null_text_inversion_runs_200_steps(components: Components, render_image: tuple[Image.Image, str]) -> None:
+    """Past step 100 the authors' rate is negative (Adam refuses it): a 200-step inversion must still run."""
+    image, prompt = render_image
+    params = p2p.Params(source_prompt=prompt, target_prompt=prompt, steps=200, null_text_steps=1)
+    start = p2p.inverted_start(components, params, image)
+    assert start.inversion == "null-text" and len(start.nulls) == 200
+    assert all(torch.isfinite(null).all() for null in start.nulls)
 
 
 def test_processors_are_restored_after_a_job_and_after_a_cancel(components: Components) -> None:
