@@ -6,8 +6,9 @@ FROM python:3.11-slim AS api
 WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY requirements.lock ./
-# The API needs no torch/diffusers: install the lock without them.
-RUN grep -viE '^(torch|diffusers|transformers|peft|accelerate|safetensors|tokenizers|huggingface.hub|nvidia|triton|sympy|networkx|mpmath)[=_ -]' requirements.lock > requirements.api \
+# The API needs no torch/diffusers: install the lock without them. It keeps safetensors and numpy, with which
+# api/adapter_files.py checks imported adapters (tests/service/test_deployment_files.py checks this filter).
+RUN grep -viE '^(torch|diffusers|transformers|peft|accelerate|tokenizers|huggingface.hub|nvidia|triton|sympy|networkx|mpmath)[=_ -]' requirements.lock > requirements.api \
  && pip install --no-cache-dir -r requirements.api
 COPY alembic.ini ./
 COPY api ./api
@@ -15,6 +16,7 @@ COPY contract ./contract
 COPY store ./store
 COPY worker/__init__.py worker/celery_app.py ./worker/
 COPY migrations ./migrations
+# The model folders are not in the image: mount them at /models (docker-compose.yml mounts ./zoo).
 ENV ATELIER_MODELS_DIR=/models
 EXPOSE 8000
 CMD ["sh", "-c", "python -c 'from store.migrate import upgrade; from store.settings import get_settings; upgrade(get_settings().database_url)' && uvicorn api.main:app_factory --factory --host 0.0.0.0 --port ${PORT:-8000}"]

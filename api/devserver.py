@@ -2,7 +2,8 @@
 
 Migrates the database, makes sure a development API key exists (ATELIER_DEV_API_KEY, or one
 generated once and kept in var/dev_api_key), starts one Celery worker per queue as subprocesses and
-runs the API on 127.0.0.1:$PORT (default 8000). Ctrl-C stops everything.
+runs the API on 127.0.0.1:$PORT (default 8000). Ctrl-C or SIGTERM stops everything: the API, then the
+workers, which get STOP_TIMEOUT seconds to finish the job in hand before they are killed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -35,9 +38,14 @@ def dev_key(var_dir: Path) -> str:
     return key
 
 
-def start_workers(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
-    """One worker for inference and one for training, so a long training never blocks an edit."""
-    workers = []
+STOP_TIMEOUT = 20.0  # seconds the workers get after SIGTERM to finish the job in hand
+
+
+def start_workers(env: dict[str, str], workers: list[subprocess.Popen[bytes]]) -> None:
+    """One worker for inference and one for training, so a long training never blocks an edit.
+
+    Each is added to `workers` as soon as it starts (a signal in between still stops it) and leads its own process
+    group: a terminal's Ctrl-C reaches this process only, which stops the workers itself."""
     for queue in ("inference", "training"):
         command = [
             sys.executable,
@@ -57,11 +65,37 @@ def start_workers(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
             "--loglevel",
             "INFO",
         ]
-        workers.append(subprocess.Popen(command, cwd=ROOT, env=env))
-    return workers
+        workers.append(subprocess.Popen(command, cwd=ROOT, env=env, process_group=0))
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM each worker (Celery's warm shutdown), wait up to `timeout` seconds for all of them, then SIGKILL what
+    is left of each one's process group (its pool children too)."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        try:
+            worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            sys.stderr.write(f"worker {worker.pid} did not stop in {timeout:.0f} s; killing it\n")
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        worker.wait()
+
+
+def _exit_on_signal(signum: int, _: FrameType | None) -> None:
+    """SIGTERM (and SIGINT) end the program through its `finally`; by default SIGTERM would skip it. uvicorn handles
+    both while it serves, then restores this handler and raises the signal again once the API has stopped."""
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_on_signal)
     settings = get_settings()
     var_dir = ROOT / "var"
     var_dir.mkdir(exist_ok=True)
@@ -70,23 +104,20 @@ def main() -> None:
     with session_scope(settings.database_url) as session:
         ensure_tenant_with_key(session, "dev", key)
     port = int(os.environ.get("PORT", "8000"))
-    workers = start_workers(dict(os.environ))
-    sys.stdout.write(
-        f"\nAtelier is starting on http://127.0.0.1:{port}  (Swagger UI: http://127.0.0.1:{port}/docs)\n"
-        f"Development API key: {key}\n"
-        f"  export ATELIER_KEY={key}\n\n"
-    )
-    sys.stdout.flush()
+    workers: list[subprocess.Popen[bytes]] = []
     try:
+        start_workers(dict(os.environ), workers)
+        sys.stdout.write(
+            f"\nAtelier is starting on http://127.0.0.1:{port}  (Swagger UI: http://127.0.0.1:{port}/docs)\n"
+            f"Development API key: {key}\n"
+            f"  export ATELIER_KEY={key}\n\n"
+        )
+        sys.stdout.flush()
         uvicorn.run("api.main:app_factory", factory=True, host="127.0.0.1", port=port, log_level="info")
     finally:
-        for worker in workers:
-            worker.send_signal(signal.SIGTERM)
-        for worker in workers:
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # the clean-up is bounded: a second Ctrl-C must not cut it short
+        stop_workers(workers)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,54 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from store.artifacts import StorageUnavailable
+
 log = logging.getLogger("atelier.api")
+
+
+class ErrorDetail(BaseModel):
+    field: str = Field(description="The field at fault (e.g. `prompt`), or `body`.")
+    message: str
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(
+        description="Stable and machine-readable: `invalid_request`, `invalid_image`, `not_found`, `unauthorized`, "
+        "`too_large`, `image_too_large`, `storage_unavailable`, …"
+    )
+    message: str = Field(description="For people; names the field when one is at fault.")
+    details: list[ErrorDetail] | None = Field(default=None, description="One entry per field at fault.")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorInfo
+
+
+ERRORS = {
+    400: "The body could not be parsed.",
+    401: "Missing, invalid or revoked key (`unauthorized`, with `WWW-Authenticate: Bearer`).",
+    404: "No such id for this tenant (`not_found`).",
+    409: "It exists already (`conflict`).",
+    413: "The body is over `ATELIER_MAX_REQUEST_BYTES` (`too_large`) or an image over the pixel limit "
+    "(`image_too_large`).",
+    422: "A field is invalid; `details` names it.",
+    503: "Artifact storage failed (`storage_unavailable`); try again.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route answers, each an ErrorBody."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        responses[status] = {"model": ErrorBody, "description": ERRORS[status]}
+        if status == 401:
+            responses[status]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "example": "Bearer"}}
+    return responses
 
 
 class ApiError(Exception):
@@ -45,6 +90,11 @@ def invalid(field: str, message: str) -> ApiError:
     return ApiError(422, "invalid_request", f"{field}: {message}", [{"field": field, "message": message}])
 
 
+def storage_unavailable() -> ApiError:
+    """503 for a failed artifact read or write; what failed, and where, goes to the log only."""
+    return ApiError(503, "storage_unavailable", "artifact storage is unavailable; try again later")
+
+
 def _body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
     if details:
@@ -74,6 +124,12 @@ def install(app: FastAPI) -> None:
             exc.status_code, "error"
         )
         return JSONResponse(_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(StorageUnavailable)
+    async def _storage(request: Request, exc: StorageUnavailable) -> JSONResponse:
+        log.error("artifact storage failed on %s %s", request.method, request.url.path, exc_info=exc)
+        error = storage_unavailable()
+        return JSONResponse(_body(error.code, error.message), status_code=error.status)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

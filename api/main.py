@@ -13,6 +13,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
@@ -86,8 +87,12 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    """Raised from `receive` once a body without Content-Length (chunked) passes the limit. An HTTPException, so
+    FastAPI's body parsing passes it on as it is (any other error there becomes a 400) and it answers 413."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body exceeds the size limit")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -106,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "generations", "description": "Jobs that make images from text."},
             {"name": "edits", "description": "Jobs that edit an input image."},
             {"name": "trainings", "description": "Personalization jobs that teach the model a concept (an adapter)."},
+            {"name": "classifications", "description": "Jobs that classify an image with the diffusion model."},
+            {"name": "datasets", "description": "Jobs that generate a labelled image dataset."},
             {"name": "adapters", "description": "Trained and imported adapters; use them in any job's `adapters`."},
             {"name": "catalog", "description": "Methods and base models of this server."},
             {"name": "admin", "description": "Tenants and API keys (admin key)."},
@@ -123,6 +130,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for router in (files.router, jobs.router, adapters.router, catalog.router, admin.router, health.router):
         app.include_router(router)
+
+    # Added before count_requests, so it runs inside it: a body found too large while FastAPI reads it raises
+    # _TooLarge straight into FastAPI (through count_requests' receive it would arrive in an ExceptionGroup, a 400).
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)  # type: ignore[arg-type]
 
     @app.middleware("http")
     async def count_requests(request: Any, call_next: Any) -> Any:
@@ -146,7 +157,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             swagger_favicon_url="/static/swagger/favicon.png",
         )
 
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)  # type: ignore[arg-type]
     return app
 
 

@@ -14,6 +14,15 @@ class ArtifactNotFound(KeyError):
     """No artifact at that key."""
 
 
+class StorageUnavailable(Exception):
+    """The store failed to read, write or delete an artifact. The message names the operation and the error's
+    class, never a path or an endpoint (clients see it); the original error is its `__cause__`, for the log."""
+
+    @classmethod
+    def of(cls, operation: str, exc: BaseException) -> StorageUnavailable:
+        return cls(f"could not {operation} an artifact ({type(exc).__name__})")
+
+
 class ArtifactStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
     def get(self, key: str) -> bytes: ...
@@ -40,16 +49,21 @@ class LocalArtifactStore:
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        except OSError as exc:
+            raise StorageUnavailable.of("write", exc) from exc
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StorageUnavailable.of("write", exc) from exc
             raise
 
     def get(self, key: str) -> bytes:
@@ -57,12 +71,17 @@ class LocalArtifactStore:
             return self._path(key).read_bytes()
         except FileNotFoundError as exc:
             raise ArtifactNotFound(key) from exc
+        except OSError as exc:
+            raise StorageUnavailable.of("read", exc) from exc
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable.of("delete", exc) from exc
 
 
 class S3ArtifactStore:
@@ -80,14 +99,21 @@ class S3ArtifactStore:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+        name = self._key(key)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=data, ContentType=content_type)
+        except Exception as exc:  # botocore's errors name the bucket and the endpoint
+            raise StorageUnavailable.of("write", exc) from exc
 
     def get(self, key: str) -> bytes:
+        name = self._key(key)
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            response = self.client.get_object(Bucket=self.bucket, Key=name)
+            return bytes(response["Body"].read())
         except self.client.exceptions.NoSuchKey as exc:
             raise ArtifactNotFound(key) from exc
-        return bytes(response["Body"].read())
+        except Exception as exc:
+            raise StorageUnavailable.of("read", exc) from exc
 
     def exists(self, key: str) -> bool:
         try:
@@ -97,7 +123,11 @@ class S3ArtifactStore:
         return True
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        name = self._key(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=name)
+        except Exception as exc:
+            raise StorageUnavailable.of("delete", exc) from exc
 
 
 def artifact_store(settings: Settings) -> ArtifactStore:

@@ -32,7 +32,7 @@ from models.personalization.apply import applied
 from models.personalization.common import Adapter, read_metadata
 from models.personalization.concepts import CLASS_IMAGES_SEED, generate_class_images
 from store.adapters import checkpoint_key, get_adapter, read_adapter_file, save_adapter
-from store.artifacts import ArtifactNotFound, ArtifactStore
+from store.artifacts import ArtifactNotFound, ArtifactStore, StorageUnavailable
 from store.files import get_file, store_output
 from store.jobs import ClaimReason, claim, finish, heartbeat
 from store.settings import Settings
@@ -310,6 +310,9 @@ def _attempt(ctx: WorkerContext, job: Job, spec: MethodSpec, beat: Heartbeat) ->
         return None
     except ValueError as exc:
         return Ending(JobState.failed, "invalid_input", str(exc))
+    except StorageUnavailable as exc:  # its message names the operation, never a path
+        log.exception("job %s: artifact store failed", job.id)
+        return Ending(JobState.failed, "storage_unavailable", str(exc))
     except Exception as exc:
         log.exception("job %s failed", job.id)
         return Ending(JobState.failed, "internal_error", f"{type(exc).__name__}: {exc}"[:500])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -13,13 +14,14 @@ from sqlalchemy.orm import Session
 from api.adapter_files import check_lora, check_textual_inversion
 from api.catalog import find_model
 from api.deps import ArtifactsDep, SessionDep, SettingsDep, TenantDep
-from api.errors import invalid, not_found
+from api.errors import error_responses, invalid, not_found, storage_unavailable
 from contract.adapters import ADAPTER_TYPES, AdapterType, ImportableAdapterType
 from store.adapters import ADAPTER_FILE, delete_adapter, get_adapter, list_adapters, read_adapter_file, save_adapter
 from store.artifacts import ArtifactNotFound
 from store.tables import Adapter
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(401, 422))
+log = logging.getLogger("atelier.api")
 
 
 class AdapterFileOut(BaseModel):
@@ -84,7 +86,7 @@ def get_adapters(
     return AdapterPage(data=[AdapterOut.of(row) for row in rows])
 
 
-@router.get("/{adapter_id}", response_model=AdapterOut)
+@router.get("/{adapter_id}", response_model=AdapterOut, responses=error_responses(404))
 def get_one_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep) -> AdapterOut:
     """One adapter: type, tokens, base model, files with checksums, training parameters, metrics."""
     return AdapterOut.of(_load(session, tenant.id, adapter_id))
@@ -93,15 +95,16 @@ def get_one_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep) -> 
 @router.get(
     "/{adapter_id}/download",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404, 503)},
 )
 def download_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep, artifacts: ArtifactsDep) -> Response:
     """The adapter's safetensors file (loads with diffusers' load_lora_weights / load_textual_inversion)."""
     row = _load(session, tenant.id, adapter_id)
     try:
         data = read_adapter_file(artifacts, row)
-    except (ArtifactNotFound, KeyError) as exc:
-        raise not_found("adapter file", adapter_id) from exc
+    except (ArtifactNotFound, KeyError) as exc:  # the row is there, its file is not: the store's fault
+        log.error("adapter %s: its file is missing (%r)", adapter_id, exc)
+        raise storage_unavailable() from exc
     sha256 = next(f["sha256"] for f in row.files if f["name"] == ADAPTER_FILE)
     return Response(
         content=data,
@@ -115,14 +118,14 @@ def download_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep, ar
     )
 
 
-@router.delete("/{adapter_id}", status_code=204, response_class=Response)
+@router.delete("/{adapter_id}", status_code=204, response_class=Response, responses=error_responses(404, 503))
 def remove_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep, artifacts: ArtifactsDep) -> Response:
     """Delete the adapter and its files (jobs already queued with it fail with invalid_input)."""
     delete_adapter(session, artifacts, _load(session, tenant.id, adapter_id))
     return Response(status_code=204)
 
 
-@router.post("", status_code=201, response_model=AdapterOut)
+@router.post("", status_code=201, response_model=AdapterOut, responses=error_responses(400, 413, 503))
 def import_adapter(
     file: Annotated[UploadFile, File(description="A .safetensors file (checked by content; pickles are refused).")],
     type: Annotated[ImportableAdapterType, Form(description="lora or textual-inversion")],

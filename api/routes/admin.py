@@ -10,11 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import AdminDep, SessionDep
-from api.errors import ApiError, not_found
+from api.errors import ApiError, error_responses, not_found
 from store.tables import Tenant
 from store.tenants import create_key, create_tenant, revoke_key
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(401, 422))
 
 
 class TenantIn(BaseModel):
@@ -39,7 +39,7 @@ class KeyOut(BaseModel):
     key: str | None = Field(default=None, description="The raw key; shown only when the key is created.")
 
 
-@router.post("/tenants", status_code=201, response_model=TenantOut)
+@router.post("/tenants", status_code=201, response_model=TenantOut, responses=error_responses(400, 409, 413))
 def add_tenant(body: TenantIn, _: AdminDep, session: SessionDep) -> TenantOut:
     """Create a tenant."""
     try:
@@ -51,7 +51,9 @@ def add_tenant(body: TenantIn, _: AdminDep, session: SessionDep) -> TenantOut:
     return TenantOut(id=tenant.id, name=tenant.name, created_at=tenant.created_at)
 
 
-@router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=KeyOut)
+@router.post(
+    "/tenants/{tenant_id}/keys", status_code=201, response_model=KeyOut, responses=error_responses(400, 404, 413)
+)
 def add_key(tenant_id: str, body: KeyIn, _: AdminDep, session: SessionDep) -> KeyOut:
     """Create an API key for a tenant; the raw key is in the response and nowhere else."""
     if session.execute(select(Tenant).where(Tenant.id == tenant_id)).scalar_one_or_none() is None:
@@ -61,7 +63,7 @@ def add_key(tenant_id: str, body: KeyIn, _: AdminDep, session: SessionDep) -> Ke
     return KeyOut(id=key.id, tenant_id=tenant_id, name=key.name, prefix=key.prefix, key=raw)
 
 
-@router.delete("/keys/{key_id}", status_code=204)
+@router.delete("/keys/{key_id}", status_code=204, responses=error_responses(404))
 def delete_key(key_id: str, _: AdminDep, session: SessionDep) -> None:
     """Revoke a key; requests with it get 401 from now on."""
     if not revoke_key(session, key_id):

@@ -6,10 +6,11 @@ from fastapi import APIRouter
 
 from api.catalog import list_models
 from api.deps import SettingsDep, TenantDep
+from api.errors import error_responses
 from api.schemas import MethodOut, ModelOut
 from contract.registry import methods
 
-router = APIRouter(prefix="/v1", tags=["catalog"])
+router = APIRouter(prefix="/v1", tags=["catalog"], responses=error_responses(401))
 
 
 @router.get("/methods", response_model=list[MethodOut])

@@ -1,4 +1,4 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness and readiness (open to all), Prometheus metrics (admin key: they count every tenant's jobs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import func, select, text
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import AdminDep, SessionDep
+from api.errors import error_responses
 from store.tables import Job
 
 router = APIRouter(tags=["health"])
@@ -42,9 +43,13 @@ def readyz(request: Request, session: SessionDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics", response_class=Response)
-def metrics(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
-    """Prometheus text format: request counters and jobs by kind and state."""
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}, **error_responses(401)},
+)
+def metrics(request: Request, _: AdminDep, session: SessionDep) -> Response:
+    """Prometheus text format: request counters and jobs by kind and state, for every tenant (admin key)."""
     registry = CollectorRegistry()
     jobs = Gauge("atelier_jobs", "Jobs by kind and state", ["kind", "state"], registry=registry)
     for kind, state, count in session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)):

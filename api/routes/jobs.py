@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ArtifactsDep, SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError, not_found
+from api.errors import ApiError, error_responses, not_found
 from api.job_service import create_job
 from api.schemas import JobPage
 from contract.jobs import JobOut
@@ -21,7 +21,8 @@ from store.jobs import list_jobs, request_cancel
 from store.tables import TERMINAL_STATES, Job, JobState
 from worker.celery_app import publish_webhook
 
-router = APIRouter(tags=["jobs"])
+# No router-wide tag: a creation route is listed under its method's group only, the rest under "jobs".
+router = APIRouter(responses=error_responses(401, 422))
 
 IdempotencyKey = Annotated[
     str | None,
@@ -76,6 +77,7 @@ for _spec in methods().values():
         description=f"{_spec.summary}\n\nPaper: {_spec.paper}\n\nQueue: `{_spec.queue}`.",
         tags=[_spec.group],
         operation_id=f"create_{_spec.kind.replace('-', '_')}",
+        responses=error_responses(400, 413, 503),
     )
 
 
@@ -86,13 +88,13 @@ def _load(session: SessionDep, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobOut)
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses=error_responses(404))
 def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     """A job's state, progress, timings, error and outputs."""
     return JobOut.of(_load(session, tenant.id, job_id))
 
 
-@router.get("/v1/jobs", response_model=JobPage)
+@router.get("/v1/jobs", response_model=JobPage, tags=["jobs"])
 def get_jobs(
     tenant: TenantDep,
     session: SessionDep,
@@ -118,7 +120,7 @@ def get_jobs(
     return JobPage(data=[JobOut.of(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], responses=error_responses(404))
 def cancel_job(job_id: str, request: Request, tenant: TenantDep, session: SessionDep) -> JobOut:
     """Cancel: a queued job never starts; a running job stops at its next denoising step."""
     job = _load(session, tenant.id, job_id)
@@ -139,7 +141,8 @@ def _event(name: str, data: dict[str, Any]) -> str:
 @router.get(
     "/v1/jobs/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    tags=["jobs"],
+    responses={200: {"content": {"text/event-stream": {}}}, **error_responses(404)},
 )
 async def job_events(job_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
     """Server-Sent Events: `progress` events, then one terminal event (`succeeded`, `failed`, `canceled`)."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 from fastapi.testclient import TestClient
 
+from api.errors import ErrorBody
 from contract.registry import methods
 from store.settings import ROOT
+from tests.conftest import ADMIN_KEY
 
 
 def test_methods_come_from_the_registry(client: TestClient, auth: dict[str, str]) -> None:
@@ -30,6 +33,60 @@ def test_openapi_has_one_route_per_method_with_examples(client: TestClient) -> N
         assert all("description" in p or "$ref" in p or "anyOf" in p for p in schema["properties"].values())
 
 
+def operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(method, path, op) for path, item in spec["paths"].items() for method, op in item.items()]
+
+
+def test_openapi_lists_each_operation_under_one_tag(client: TestClient) -> None:
+    """Swagger UI shows an operation once per tag: a creation route under `jobs` and its group was listed twice."""
+    spec = client.get("/openapi.json").json()
+    declared = [tag["name"] for tag in spec["tags"]]
+    for method, path, operation in operations(spec):
+        assert len(operation["tags"]) == 1 and operation["tags"][0] in declared, (method, path, operation["tags"])
+    for method_spec in methods().values():
+        assert spec["paths"][method_spec.path]["post"]["tags"] == [method_spec.group]
+    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events"):
+        assert all(op["tags"] == ["jobs"] for op in spec["paths"][path].values()), path
+    ids = [op["operationId"] for _, _, op in operations(spec)]
+    assert len(ids) == len(set(ids))
+
+
+def test_openapi_documents_the_error_responses(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    assert spec["components"]["schemas"]["ErrorBody"]["required"] == ["error"]
+    for method, path, operation in operations(spec):
+        responses = operation["responses"]
+        expected = set()
+        if path not in ("/healthz", "/readyz"):
+            expected.add("401")
+        if "{" in path:
+            expected.add("404")
+        if "requestBody" in operation:
+            expected |= {"400", "413", "422"}
+        if operation.get("parameters"):
+            expected.add("422")
+        assert expected <= set(responses), (method, path, sorted(responses))
+        for status in set(responses) - {"200", "201", "204"}:
+            assert responses[status]["content"]["application/json"]["schema"] == error_ref, (method, path, status)
+        if "401" in responses:
+            assert "WWW-Authenticate" in responses["401"]["headers"]
+    for method_spec in methods().values():
+        assert {"503"} <= set(spec["paths"][method_spec.path]["post"]["responses"])  # inline images are stored
+    assert "503" in spec["paths"]["/v1/files/{file_id}"]["get"]["responses"]
+
+
+def test_error_bodies_match_the_documented_schema(client: TestClient, auth: dict[str, str]) -> None:
+    for response in (
+        client.get("/v1/jobs"),
+        client.get("/v1/jobs/job_missing", headers=auth),
+        client.post("/v1/edits/sdedit", json={"prompt": 1}, headers=auth),
+    ):
+        body = response.json()
+        assert ErrorBody.model_validate(body).model_dump(exclude_none=True) == body, body
+
+
 def test_models_lists_the_bundled_model(client: TestClient, auth: dict[str, str]) -> None:
     models = client.get("/v1/models", headers=auth).json()
     default = next(m for m in models if m["default"])
@@ -44,7 +101,7 @@ def test_health_ready_and_metrics(client: TestClient, auth: dict[str, str]) -> N
     assert ready.status_code == 200, ready.json()
     assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
     client.get("/v1/jobs", headers=auth)
-    metrics = client.get("/metrics")
+    metrics = client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert metrics.status_code == 200
     assert 'atelier_http_requests_total{method="GET",route="/v1/jobs",status="200"}' in metrics.text
 

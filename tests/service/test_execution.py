@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,19 @@ def test_class_images_are_generated_once_per_model_and_prompt(settings: Settings
             tensors.append(load_safetensors(read_adapter_file(ctx.artifacts, row)))
     assert tensors[0].keys() == tensors[1].keys()
     assert all(torch.equal(tensors[0][key], tensors[1][key]) for key in tensors[0])
+
+
+def test_an_artifact_store_failure_fails_the_job_as_storage_unavailable_without_a_path(
+    settings: Settings, cache: ModelCache, tmp_path: Path
+) -> None:
+    """The output write fails (a file stands where the store's folder should be): the job fails with code
+    storage_unavailable, saying which operation failed and showing no server path."""
+    tenant_id, _ = make_tenant(settings)
+    job_id = add_job(settings, tenant_id, "text-to-image", {"prompt": "a red circle", "steps": 1})
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / tenant_id).write_text("a file where the tenant's folder goes")
+    assert execute_job(context(settings, cache, artifacts_dir=store), job_id) == "failed"
+    job = job_row(settings, job_id)
+    assert job.error_code == "storage_unavailable", (job.error_code, job.error_message)
+    assert str(tmp_path) not in (job.error_message or "") and "write" in (job.error_message or "")

@@ -52,6 +52,12 @@ def test_docs_list_methods_and_try_it_out_returns_a_job(browser, live_server: st
     page = browser.find_element(By.TAG_NAME, "body").text
     for route in ("/v1/edits/sdedit", "/v1/generations/text-to-image", "/v1/jobs/{job_id}", "/v1/files"):
         assert route in page, route
+    # Each operation is listed once, under one tag (`operations-<tag>-<operationId>`): job creation routes are
+    # under their group (generations, edits, ...), not under `jobs` as well.
+    blocks = [e.get_attribute("id") or "" for e in browser.find_elements(By.CSS_SELECTOR, ".opblock")]
+    operation_ids = [block.split("-", 2)[2] for block in blocks]
+    assert len(operation_ids) == len(set(operation_ids)), sorted(operation_ids)
+    assert not [block for block in blocks if block.startswith("operations-jobs-create_")]
     # Every asset came from this server: nothing was fetched from a CDN.
     sources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert sources and all(s.startswith(live_server) for s in sources), sources
@@ -66,6 +72,11 @@ def test_docs_list_methods_and_try_it_out_returns_a_job(browser, live_server: st
     # Try it out on text-to-image with the schema's example.
     block = browser.find_element(By.ID, "operations-generations-create_text_to_image")
     block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    # Its documented responses include the errors, each with the ErrorBody schema.
+    documented = "table.responses-table:not(.live-responses-table) tr.response[data-code]"
+    wait.until(lambda _: block.find_elements(By.CSS_SELECTOR, documented))
+    codes = {row.get_attribute("data-code") for row in block.find_elements(By.CSS_SELECTOR, documented)}
+    assert {"201", "400", "401", "413", "422"} <= codes, codes
     wait.until(lambda _: block.find_element(By.CSS_SELECTOR, ".try-out__btn")).click()
     wait.until(lambda _: block.find_element(By.CSS_SELECTOR, ".btn.execute")).click()
     status = wait.until(
