@@ -1,4 +1,4 @@
-"""Issue 11, control: ControlNet (edges, masks) and T2I-Adapter (sketches) on the zoo model (GLIGEN: not yet).
+"""Issue 11, control: ControlNet (edges, masks), T2I-Adapter (sketches) and GLIGEN (boxes) on the zoo model.
 
 Each case is a test-split scene: its condition is rendered from the scene (Canny edges of the scene's image, the
 union of its object masks, or a scribble of its outlines) and its prompt is the scene's
@@ -7,7 +7,11 @@ The oracle reads the output:
 - mask IoU: the union of the objects the oracle sees against the union of the scene's true masks; a case
   succeeds at IoU >= 0.8 (0.7 for the adapter), as the issue sets;
 - position right: every object of the scene is seen in its grid cell; colour right: in its colour (the
-  condition carries no colour: it must come from the prompt).
+  condition carries no colour: it must come from the prompt);
+- GLIGEN: one- and two-object scenes, the prompt names the objects without their positions ("a small red circle
+  and a large blue square"), each object's phrase gets its true box; an object lands when the oracle sees an
+  object of its colour whose box has IoU >= 0.5 with it; a case succeeds when every object lands. Baseline: the
+  same prompts and seeds without grounding.
 The uncontrolled job on the same prompts and seeds is the baseline of every row, and a scale sweep shows IoU
 rising with the conditioning scale (scale 0 is checked to be the uncontrolled image exactly). The extra time per
 image over the uncontrolled job is measured in the same run for ControlNet and the adapter.
@@ -29,12 +33,14 @@ from diffusers import ControlNetModel, T2IAdapter
 from PIL import Image
 
 from bench.harness import BenchContext, GroupResult, Row, grid, percent, scenes
+from models.common.components import Components
 from models.control.adapter import AdapterControl
 from models.control.controlnet import Control, condition_tensor
+from models.control.gligen import Grounding
 from models.generation import text_to_image
 from models.shapes.conditions import scene_condition
 from models.shapes.oracle import SeenScene, read_scene
-from models.shapes.world import Scene, caption, render
+from models.shapes.world import Scene, caption, object_phrase, render
 
 NAME = "control"
 GUIDANCE = 7.5
@@ -42,6 +48,8 @@ SCALES = (0.0, 0.25, 0.5, 1.0)
 
 CONTROLNETS = {"canny": "shapes-controlnet-canny", "mask": "shapes-controlnet-mask"}
 ADAPTER = "shapes-t2i-adapter-sketch"
+GLIGEN = "shapes-sd-gligen"
+GLIGEN_FRACTION = 0.5
 
 
 def condition_image(scene: Scene, kind: str) -> Image.Image:
@@ -194,6 +202,67 @@ def adapter_rows(
     ]
 
 
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two boxes (x0, y0, x1, y1), x1 and y1 exclusive."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def landed(scene: Scene, image: Image.Image) -> bool:
+    """Every object of the scene is seen in its colour with a box of IoU >= 0.5 against its true box."""
+    seen = read_scene(image)
+    boxes = render(scene, 64).boxes
+    for want, box in zip(scene.objects, boxes, strict=True):
+        if not any(o.color == want.color and box_iou(o.box, box) >= 0.5 for o in seen.objects):
+            return False
+    return True
+
+
+def gligen_rows(ctx: BenchContext, model: Components, result: GroupResult) -> None:
+    """GLIGEN at one and two boxes, against the base without grounding on the same prompts and seeds."""
+    for count in (1, 2):
+        cases = scenes("test", ctx.n, ctx.seed + count, count)
+        rates = {}
+        shown: list[Image.Image] = []
+        for grounded in (True, False):
+            hits = []
+            started = time.perf_counter()
+            for index, scene in enumerate(cases):
+                rendered = render(scene, 64)
+                prompt = " and ".join(object_phrase(obj) for obj in scene.objects)
+                grounding = Grounding(
+                    [object_phrase(obj) for obj in scene.objects],
+                    [tuple(float(v) / 64 for v in box) for box in rendered.boxes],  # type: ignore[misc]
+                    GLIGEN_FRACTION,
+                )
+                params = text_to_image.Params(prompt=prompt, steps=ctx.steps, guidance_scale=GUIDANCE)
+                generator = torch.Generator("cpu").manual_seed(ctx.seed + index)
+                inputs: dict[str, object] = {"grounding": grounding} if grounded else {}
+                image = text_to_image.run(model, params, inputs, generator=generator).images[0]
+                hits.append(landed(scene, image))
+                if grounded and index < 8:
+                    shown += [Image.fromarray(rendered.image), image]
+            rates[grounded] = (percent(hits), (time.perf_counter() - started) / len(cases))
+        target = 90 if count == 1 else 75
+        figure, seconds = rates[True]
+        result.rows.append(
+            Row(
+                NAME,
+                f"GLIGEN, {count} box{'es' if count > 1 else ''}: every object in its box (IoU >= 0.5)",
+                figure,
+                f">= {target}%",
+                figure >= target,
+                len(cases),
+                seconds,
+                note=f"without grounding {rates[False][0]:.0f}%; prompts name no positions",
+            )
+        )
+        labels = ["scene (its boxes)", "grounded"] * (len(shown) // 2)
+        result.grids[f"control_gligen_{count}"] = grid(shown, labels, columns=8)
+
+
 def run(ctx: BenchContext) -> GroupResult:
     from store.settings import get_settings
 
@@ -237,4 +306,10 @@ def run(ctx: BenchContext) -> GroupResult:
         result.rows.append(
             Row(NAME, "T2I-Adapter sketch", 0.0, ">= 85% IoU >= 0.7", None, 0, note=f"not run: no {ADAPTER}")
         )
+    if (models_dir / GLIGEN / "model_index.json").is_file():
+        from bench.quality import load_model
+
+        gligen_rows(ctx, load_model(models_dir / GLIGEN), result)
+    else:
+        result.rows.append(Row(NAME, "GLIGEN", 0.0, ">= 90% / 75%", None, 0, note=f"not run: no {GLIGEN}"))
     return result
