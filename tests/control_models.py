@@ -15,6 +15,8 @@ import torch
 from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
 from diffusers.models.attention import GatedSelfAttentionDense
 
+from models.common.components import Components
+
 CONTROLNET = "test-controlnet-canny"
 ADAPTER = "test-t2i-adapter-sketch"
 GLIGEN = "test-sd-gligen"
@@ -135,3 +137,21 @@ def write_test_models(zoo: Path, base: str, out: Path) -> None:
             (gligen / part.name).symlink_to(part.resolve(), target_is_directory=part.is_dir())
     gligen_unet(unet, seed=7).save_pretrained(gligen / "unet")
     write_configs(out / SDXL, SDXL_INDEX, SDXL_UNET, SDXL_VAE, SDXL_SCHEDULER)
+
+
+def stock_pipeline(pipeline_class: type[Any], components: Components, **extra: Any) -> Any:
+    """A diffusers pipeline of `pipeline_class` on the same weights as `components` (the parity tests' reference),
+    with a fresh DDIM scheduler of the model's config and its progress bar off; `extra`: its control models."""
+    pipe = pipeline_class(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=components.ddim(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **extra,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

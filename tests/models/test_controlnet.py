@@ -66,18 +66,9 @@ def test_our_sampler_matches_the_stock_controlnet_pipeline(
             for m, s, a, b in zip(used, scales, starts, ends, strict=True)
         ],
     )
-    pipe = StableDiffusionControlNetPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        controlnet=used if multi else used[0],
-        scheduler=components.ddim(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = control_models.stock_pipeline(
+        StableDiffusionControlNetPipeline, components, controlnet=used if multi else used[0]
     )
-    pipe.set_progress_bar_config(disable=True)
     theirs = pipe(
         "a large red circle at the top left",
         image=[edge_map] * len(used) if multi else edge_map,

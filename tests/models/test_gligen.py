@@ -15,7 +15,7 @@ from PIL import Image
 from models.common.components import Components
 from models.control.gligen import Grounding
 from models.generation import text_to_image
-from tests.control_models import gligen_unet
+from tests.control_models import gligen_unet, stock_pipeline
 
 PROMPT = "a small red circle and a large blue square"
 PHRASES = ("a small red circle", "a large blue square")
@@ -49,17 +49,7 @@ def enabled(model: Components) -> list[bool]:
 def test_our_sampler_matches_the_stock_gligen_pipeline(gligen: Components, fraction: float) -> None:
     ours = generate(gligen, Grounding(PHRASES, BOXES, fraction))
     assert all(enabled(gligen))  # the job left the model's layers as it found them
-    pipe = StableDiffusionGLIGENPipeline(
-        vae=gligen.vae,
-        text_encoder=gligen.text_encoder,
-        tokenizer=gligen.tokenizer,
-        unet=gligen.unet,
-        scheduler=gligen.ddim(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stock_pipeline(StableDiffusionGLIGENPipeline, gligen)
     theirs = pipe(
         PROMPT,
         gligen_phrases=list(PHRASES),

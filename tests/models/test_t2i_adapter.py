@@ -15,7 +15,7 @@ from models.control.controlnet import condition_tensor
 from models.control.preprocess import preprocess
 from models.generation import text_to_image
 from models.shapes.world import Scene, ShapeObject, render
-from tests.control_models import tiny_adapter
+from tests.control_models import stock_pipeline, tiny_adapter
 
 PROMPT = "a large red circle at the top left"
 
@@ -52,18 +52,7 @@ def test_our_sampler_matches_the_stock_adapter_pipeline(
     components: Components, adapter: T2IAdapter, sketch: Image.Image
 ) -> None:
     ours = generate(components, [use(components, adapter, sketch, 0.7)])
-    pipe = StableDiffusionAdapterPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        adapter=adapter,
-        scheduler=components.ddim(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stock_pipeline(StableDiffusionAdapterPipeline, components, adapter=adapter)
     theirs = pipe(
         PROMPT,
         image=sketch,
