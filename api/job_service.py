@@ -182,10 +182,7 @@ def _check_condition_sizes(
     preprocessor resizes to that size must have its aspect ratio (within 1%), so nothing is stretched."""
     if not options.controls or spec.control_size is None:
         return
-    if isinstance(spec.control_size, tuple):
-        target = (int(params[spec.control_size[0]]), int(params[spec.control_size[1]]))
-    else:
-        target = sizes[spec.control_size]
+    target = spec.made_size(params, sizes)
     for index, control in enumerate(options.controls):
         name = f"controls[{index}].condition"
         (w, h), (tw, th) = sizes[name], target

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -48,6 +49,15 @@ class MethodSpec:
     control_size: tuple[str, str] | str | None = None
     """The method takes `controls` and `grounding` (its request is a `ControlledRequest`); where the size of the
     image it makes comes from, which a condition must match: the (width, height) params, or an image field."""
+
+    def made_size(self, params: Mapping[str, Any], image_sizes: Mapping[str, tuple[int, int]]) -> tuple[int, int]:
+        """(width, height) of the image the job makes, from `control_size`: the params, or an image field's size
+        in `image_sizes`."""
+        if isinstance(self.control_size, tuple):
+            return int(params[self.control_size[0]]), int(params[self.control_size[1]])
+        if self.control_size is None:
+            raise ValueError(f"{self.kind} takes no controls")
+        return image_sizes[self.control_size]
 
     @property
     def path(self) -> str:

@@ -29,16 +29,6 @@ class JobControls:
     conditions: dict[str, Image.Image] = field(default_factory=dict)
 
 
-def output_size(spec: MethodSpec, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> tuple[int, int]:
-    """(width, height) of the image the job makes, as its spec declares where that comes from."""
-    if isinstance(spec.control_size, tuple):
-        return int(params[spec.control_size[0]]), int(params[spec.control_size[1]])
-    if spec.control_size is None:
-        raise ValueError(f"{spec.kind} takes no controls")
-    image = inputs[spec.control_size]
-    return image.width, image.height
-
-
 def job_controls(
     job: Job,
     spec: MethodSpec,
@@ -50,7 +40,8 @@ def job_controls(
     out = JobControls()
     if not job.controls and not job.grounding:
         return out
-    width, height = output_size(spec, job.params, inputs)
+    sizes = {name: image.size for name, image in inputs.items() if isinstance(image, Image.Image)}
+    width, height = spec.made_size(job.params, sizes)
     device, dtype = cache.policy.device, cache.policy.dtype
     controls, adapters = [], []
     for index, ref in enumerate(job.controls):
