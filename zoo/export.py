@@ -25,8 +25,11 @@ from zoo.runs import latest_checkpoint, load_checkpoint
 logger = logging.getLogger(__name__)
 
 
-def assemble_pipeline(run: Path, unet_dir: str = "unet", use_ema: bool = True) -> tuple[StableDiffusionPipeline, int]:
-    """Build the pipeline from ``run``'s trained VAE and newest UNet checkpoint; returns it and its step."""
+def assemble_pipeline(
+    run: Path, unet_dir: str = "unet", use_ema: bool = True
+) -> tuple[StableDiffusionPipeline, int, float]:
+    """Build the pipeline from ``run``'s trained VAE and newest UNet checkpoint; returns it, its step and the
+    UNet stage's training wall time in seconds."""
     manifest = json.loads((run / "manifest.json").read_text())
     config = ZooConfig.from_dict(manifest["config"])
     tokenizer = CLIPTokenizer.from_pretrained(str(run / "tokenizer"))
@@ -56,7 +59,7 @@ def assemble_pipeline(run: Path, unet_dir: str = "unet", use_ema: bool = True) -
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return pipeline, int(state["step"])
+    return pipeline, int(state["step"]), float(state.get("wall_s", 0.0))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -66,14 +69,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def training_commands(commands: list[str], unet_dir: str) -> list[str]:
+def training_commands(commands: list[str], unet_dir: str, manifest_keys: set[str]) -> list[str]:
     """The recorded commands that made this export: data and VAE stages, and the UNet stage of ``unet_dir``."""
-    kept = []
+    kept: list[str] = []
     for command in commands:
         words = shlex.split(command)
         stage = words[2] if len(words) > 2 else ""
         chosen_dir = words[words.index("--unet-dir") + 1] if "--unet-dir" in words else "unet"
-        if stage in ("tokenizer", "data", "vae", "latents", "all") or (stage == "unet" and chosen_dir == unet_dir):
+        vae_dir = words[words.index("--vae-dir") + 1] if "--vae-dir" in words else "vae"
+        if stage == "vae" and vae_dir not in manifest_keys:
+            continue  # a VAE stage that was stopped and not kept
+        wanted = stage in ("tokenizer", "data", "vae", "latents", "text", "all") or (
+            stage == "unet" and chosen_dir == unet_dir
+        )
+        # A run continued on a fresh machine repeats data, latents and the resumed command: list each once.
+        if wanted and command not in kept:
             kept.append(command)
     return kept
 
@@ -83,6 +93,7 @@ def model_card(
     pipeline: StableDiffusionPipeline,
     manifest: dict[str, Any],
     unet_step: int,
+    unet_wall_s: float,
     vae_metrics: list[dict[str, Any]],
     unet_metrics: list[dict[str, Any]],
     use_ema: bool,
@@ -109,15 +120,57 @@ def model_card(
         f"| {100 * r['gap_wrong_high']:.1f}% |"
         for r in shown.values()
     )
-    commands = "\n".join(training_commands(manifest.get("commands", []), unet_dir))
-    final_loss = last_loss.get("loss", float("nan"))
+    commands = "\n".join(training_commands(manifest.get("commands", []), unet_dir, {"vae", *manifest}))
+    loss_text = f", final training loss {last_loss['loss']:.4f}" if "loss" in last_loss else ""
     settings = manifest.get(unet_dir, {})
     settings_text = ", ".join(f"`{key}={value}`" for key, value in settings.items())
     data = manifest.get("data", {})
+    fine_tunes = [
+        f"`{key}` ({value['steps']} steps of batch {value['batch_size']}, lr {value['lr']:g}, "
+        f"{'decoder only' if value.get('decoder_only') else 'whole VAE'}, from `{value['init']}`)"
+        for key, value in manifest.items()
+        if isinstance(value, dict) and value.get("init") and "kl_weight" in value
+    ]
+    if last_vae:
+        vae_text = (
+            f"{last_vae.get('step', '?')} steps of batch {manifest.get('vae', {}).get('batch_size', '?')}, "
+            f"wall {last_vae.get('wall_s', 0) / 60:.1f} min, final loss {last_vae.get('loss', float('nan')):.4f}, "
+            f"held-out PSNR {vae_psnr[-1] if vae_psnr else float('nan'):.1f} dB."
+        )
+    else:
+        vae_text = "the previous model's VAE, its encoder (so the latent space) unchanged."
+    if fine_tunes:
+        vae_text += " Fine-tuned in turn, each result becoming the run's VAE: " + "; then ".join(fine_tunes) + "."
+    frozen_text = bool(settings.get("text_init")) and settings.get("text_lr_mult") == 0
+    if frozen_text:
+        text_training = (
+            "the text encoder was first trained alone (the `text` stage) to read every attribute the caption "
+            "states from its EOS state, then kept frozen while the UNet learned"
+        )
+    else:
+        text_training = (
+            f"the text encoder, which starts from nothing, learns {settings.get('text_lr_mult', '?')}x faster"
+        )
 
     def final_gap(key: str) -> str:
         return f"{100 * last_eval[key]:.1f}%" if key in last_eval else "n/a"
 
+    if evals:
+        diagnostic = f"""### Conditioning diagnostic
+
+Held-out epsilon-MSE with the right caption (cond), the empty caption (uncond) and another scene's
+caption (wrong), at fixed timesteps 50..950 and fixed noise, raw (not EMA) weights. gap is
+(uncond - cond) / uncond, gap wrong (wrong - cond) / uncond; "high" restricts to t >= 650.
+
+| step | cond | uncond | wrong | gap | gap wrong | gap high | gap wrong high |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+{gap_rows}
+
+Final: gap {final_gap("gap")} overall, {final_gap("gap_high")} at high noise; against a wrong caption \
+{final_gap("gap_wrong_high")} at high noise.
+"""
+    else:
+        diagnostic = "(The run's metrics up to this step were not carried to the machine that exported it.)\n"
     text_config, unet_config = pipeline.text_encoder.config, pipeline.unet.config
     return f"""# shapes-sd-tiny
 
@@ -156,44 +209,35 @@ Commands (in order, from the repository root):
 {commands}
 ```
 
+(As the run recorded them. Steps taken by hand between them, such as which checkpoint a stage started from, are in
+the Atelier repository's `docs/zoo-v2.md`.)
+
 - Data: {data.get("n_scenes", "?")} training scenes (seed {data.get("seed", "?")}), {data.get("n_variants", "?")} \
 captions each (the canonical one first, then template variants); held-out concepts excluded; a
 separate held-out set of {data.get("n_eval", "?")} scenes for the diagnostic below.
-- VAE: {last_vae.get("step", "?")} steps of batch {manifest.get("vae", {}).get("batch_size", "?")}, \
-wall {last_vae.get("wall_s", 0) / 60:.1f} min, final loss {last_vae.get("loss", float("nan")):.4f}, \
-held-out PSNR {vae_psnr[-1] if vae_psnr else float("nan"):.1f} dB.
-- UNet + text encoder: {unet_step} of {settings.get("steps", "?")} steps of batch {settings.get("batch_size", "?")}, \
-wall {last_loss.get("wall_s", 0) / 60:.1f} min, final training loss {final_loss:.4f}.
+- VAE: {vae_text}
+- {"UNet" if frozen_text else "UNet + text encoder"}: {unet_step} of {settings.get("steps", "?")} steps of batch \
+{settings.get("batch_size", "?")}, wall {unet_wall_s / 60:.0f} min{loss_text}.
 - Settings: {settings_text}.
 - Training-only choices (none changes the layout or how the model samples): the UNet trains on cached
 VAE posterior means; the canonical caption is used {settings.get("canonical_fraction", "?")} of the time and
 the empty one {settings.get("caption_dropout", "?")} of the time (classifier-free guidance); \
 {settings.get("high_t_fraction", "?")} of each batch draws t from the noisier half, where the caption decides the
-composition; loss weighting `{settings.get("loss_weighting", "?")}`; the text encoder, which starts from nothing, \
-learns {settings.get("text_lr_mult", "?")}x faster; AdamW with warmup and cosine decay, gradient clipping, EMA.
+composition; loss weighting `{settings.get("loss_weighting", "?")}`; {text_training}; AdamW with warmup and cosine
+decay, gradient clipping, EMA.
 
-### Conditioning diagnostic
-
-Held-out epsilon-MSE with the right caption (cond), the empty caption (uncond) and another scene's
-caption (wrong), at fixed timesteps 50..950 and fixed noise, raw (not EMA) weights. gap is
-(uncond - cond) / uncond, gap wrong (wrong - cond) / uncond; "high" restricts to t >= 650.
-
-| step | cond | uncond | wrong | gap | gap wrong | gap high | gap wrong high |
-| --- | --- | --- | --- | --- | --- | --- | --- |
-{gap_rows}
-
-Final: gap {final_gap("gap")} overall, {final_gap("gap_high")} at high noise; against a wrong caption \
-{final_gap("gap_wrong_high")} at high noise.
-
+{diagnostic}
 ## Quality
 
-Measured by `bench/` against the ShapesWorld oracle (to be filled in from the bench results).
+Measured by `make bench-quality` (its `zoo` group) against the ShapesWorld oracle: the figures are in the Atelier
+README's benchmark tables and `bench/results/quality-zoo.md`; how this recipe was chosen (ablations, learning curve)
+is in `docs/zoo-v2.md`.
 """
 
 
 def export_run(run: Path, out_dir: Path, unet_dir: str = "unet", use_ema: bool = True) -> Path:
     """Write the diffusers directory and README.md for run ``run`` into ``out_dir`` (replaced atomically)."""
-    pipeline, unet_step = assemble_pipeline(run, unet_dir, use_ema)
+    pipeline, unet_step, unet_wall_s = assemble_pipeline(run, unet_dir, use_ema)
     staging = out_dir.with_name(out_dir.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -207,6 +251,7 @@ def export_run(run: Path, out_dir: Path, unet_dir: str = "unet", use_ema: bool =
         pipeline,
         manifest,
         unet_step,
+        unet_wall_s,
         read_metrics(run / "vae" / "metrics.jsonl"),
         read_metrics(run / unet_dir / "metrics.jsonl"),
         use_ema,

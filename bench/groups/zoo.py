@@ -36,23 +36,29 @@ def run(ctx: BenchContext) -> GroupResult:
     result.extra["vae_attributes"] = vae_attr
 
     # 2. Text to image: one object, two objects, held-out combinations; guidance 1 and default.
+    # Issue 10's targets are at the default guidance; one object also needs every attribute >= 97%.
     cases = {
-        "one object": (scenes("test", ctx.n, ctx.seed + 1, 1), 95.0),
-        "two objects": (scenes("test", ctx.n, ctx.seed + 2, 2), 80.0),
-        "held-out combinations": (scenes("held_out_combo", ctx.n, ctx.seed + 3, None), 80.0),
+        "one object": (scenes("test", ctx.n, ctx.seed + 1, 1), 95.0, 97.0),
+        "two objects": (scenes("test", ctx.n, ctx.seed + 2, 2), 80.0, None),
+        "held-out combinations": (scenes("held_out_combo", ctx.n, ctx.seed + 3, None), 80.0, None),
     }
-    for label, (expected, target) in cases.items():
+    for label, (expected, target, attribute_target) in cases.items():
         prompts = [caption(s) for s in expected]
         for guidance in (1.0, text_to_image.Params.guidance_scale):
             images, per = generate(ctx, prompts, guidance)
             acc, attributes = accuracy(expected, images)
+            met = acc >= target
+            target_text = f">= {target:g}"
+            if attribute_target is not None:
+                met = met and min(attributes.values()) >= attribute_target
+                target_text += f", each attribute >= {attribute_target:g}"
             result.rows.append(
                 Row(
                     "zoo",
                     f"text-to-image, {label}, guidance {guidance:g}",
                     acc,
-                    f">= {target:g}",
-                    acc >= target,
+                    target_text,
+                    met,
                     len(expected),
                     per,
                     note=", ".join(f"{a} {v:.0f}%" for a, v in attributes.items()),

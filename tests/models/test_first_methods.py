@@ -53,11 +53,16 @@ def square(color: tuple[int, int, int]) -> Image.Image:
 
 
 def test_sdedit_is_deterministic_and_strength_sets_faithfulness(components: Components) -> None:
-    """SDEdit's trade-off: the output drifts further from the input as strength (t0) grows."""
+    """SDEdit's trade-off: the output drifts further from the input as strength (t0) grows. Measured as in the
+    paper, without classifier-free guidance: at guidance 7.5 the zoo model overshoots at strength 0.1 (mean
+    distance 15.4 against 14.5 at 0.2; guidance amplifies the large gap between its conditional and unconditional
+    predictions at low noise), which README's SDEdit section reports."""
     source = square((40, 40, 220))
 
     def edit(strength: float, seed: int = 0) -> np.ndarray:
-        params = sdedit.Params(prompt="a large blue square at the center", strength=strength, steps=20)
+        params = sdedit.Params(
+            prompt="a large blue square at the center", strength=strength, steps=20, guidance_scale=1.0
+        )
         return pixels(sdedit.run(components, params, {"image": source}, generator=gen(seed)).images[0])
 
     assert np.array_equal(edit(0.5), edit(0.5))

@@ -51,7 +51,10 @@ def test_a_folder_of_fp16_variant_weights_loads(components: Components, tmp_path
         ours = loaded.unet(latents, 500, encoder_hidden_states=text).sample
         plain = components.unet(latents, 500, encoder_hidden_states=text).sample
     torch.testing.assert_close(ours, plain, rtol=1e-2, atol=1e-2)  # fp16 rounding of the weights only
-    assert not torch.equal(ours, plain)
+    # The bundled UNet's EMA weights happen to be fp16-exact (its training pack keeps them in fp16); the VAE's are
+    # not, so the rounding shows that the fp16 files were read.
+    vae_plain = components.vae.state_dict()
+    assert any(not torch.equal(value, vae_plain[name]) for name, value in loaded.vae.state_dict().items())
 
 
 def test_a_control_model_of_fp16_variant_weights_loads(components: Components, tmp_path: Path) -> None:

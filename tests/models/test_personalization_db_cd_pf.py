@@ -363,11 +363,17 @@ def test_perfusion_strength_and_two_concepts(components: Components, pf_adapters
         name = next(iter(cross_attention_layers(components.unet)))
         assert len(components.unet.attn_processors[name].edits) == 2
         both = eps(components, prompt)
-    with perfusion.apply(components, first, 1.0):
-        half = float((eps(components, "a <pf1> at the left") - eps(components, "a circle at the left")).abs().mean())
-    with perfusion.apply(components, first, 0.5):
-        weaker = float((eps(components, "a <pf1> at the left") - eps(components, "a circle at the left")).abs().mean())
-    assert both.isfinite().all() and weaker < half
+    # The strength scales the edit: its effect on the prediction (against strength 0, S* without the edit) is
+    # smaller at 0.5 than at 1. (Distance to the class word's prompt is not monotone in strength: the key moves from
+    # S*'s own key to the class word's while the value moves to the learned target.)
+    concept = "a <pf1> at the left"
+    with perfusion.apply(components, first, 0.0):
+        unedited = eps(components, concept)
+    effect = {}
+    for strength in (0.5, 1.0):
+        with perfusion.apply(components, first, strength):
+            effect[strength] = float((eps(components, concept) - unedited).abs().mean())
+    assert both.isfinite().all() and 0 < effect[0.5] < effect[1.0], effect
     assert_unchanged(components, before)
 
 

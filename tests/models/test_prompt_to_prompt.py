@@ -22,11 +22,16 @@ from models.editing import null_text
 from models.editing import prompt_to_prompt as p2p
 from models.generation import text_to_image
 from models.shapes.oracle import match_objects, read_scene, scene_correct
-from models.shapes.world import parse_caption, render
+from models.shapes.world import Scene, ShapeObject, parse_caption, render
 
 SOURCE = "a large red circle at the center"
 TARGET = "a large blue circle at the center"
 STEPS = 10
+# The layout claims need a layout that the prompt leaves open: with shape, size and position all named, the zoo
+# model draws the same geometry with or without injection, and only the noise is left to keep. Without a position
+# the noise places the object, and injection is what keeps it there.
+LAYOUT_SOURCE, LAYOUT_TARGET = "a large red circle", "a large blue circle"
+LAYOUT_DRAWN = (Scene((ShapeObject("circle", "red", "large", "center"),), "light"), ("shape", "color", "size"))
 
 
 def gen(seed: int) -> torch.Generator:
@@ -83,30 +88,36 @@ def test_without_injection_each_branch_is_plain_sampling(components: Components)
 
 @pytest.fixture(scope="module")
 def swaps(components: Components) -> list[tuple[MethodOutput, MethodOutput]]:
-    """Word swap red -> blue on four seeds: (with injection at the defaults, without any injection)."""
+    """Word swap red -> blue, position left open, on four seeds: (with injection at the defaults, without any)."""
+    prompts = {"source_prompt": LAYOUT_SOURCE, "target_prompt": LAYOUT_TARGET}
     return [
-        (edit(components, seed), edit(components, seed, cross_replace_fraction=0.0, self_replace_fraction=0.0))
+        (
+            edit(components, seed, **prompts),
+            edit(components, seed, **prompts, cross_replace_fraction=0.0, self_replace_fraction=0.0),
+        )
         for seed in range(4)
     ]
 
 
 def require_drawn_source(components: Components, seeds: range) -> None:
     """The layout claims need a model that draws the source prompt; measure that first and say so if not."""
-    expected = parse_caption(SOURCE)
+    expected, attributes = LAYOUT_DRAWN
     drawn = [
-        scene_correct(expected, read_scene(Image.fromarray(plain(components, SOURCE, s).astype(np.uint8))))
+        scene_correct(
+            expected, read_scene(Image.fromarray(plain(components, LAYOUT_SOURCE, s).astype(np.uint8))), attributes
+        )
         for s in seeds
     ]
     if np.mean(drawn) < 0.5:
-        pytest.skip(f"the model draws {SOURCE!r} in {sum(drawn)}/{len(drawn)} cases: no layout to keep")
+        pytest.skip(f"the model draws {LAYOUT_SOURCE!r} in {sum(drawn)}/{len(drawn)} cases: no layout to keep")
 
 
 def test_injection_keeps_the_edit_closer_to_the_source(
     components: Components, swaps: list[tuple[MethodOutput, MethodOutput]]
 ) -> None:
     """Injecting the source's maps keeps more of the source than sampling the target prompt alone, by
-    pixels and by the oracle's object masks (dev model, these 4 seeds: mean |source - edit| 10.0 vs 10.3 grey
-    levels, IoU 0.69 vs 0.66; a weak model's edits are small either way)."""
+    pixels and by the oracle's object masks (zoo v2, these 4 seeds: mean |source - edit| 9.5 vs 13.0 grey
+    levels, IoU 0.78 vs 0.40)."""
 
     def distance(out: MethodOutput) -> float:
         return float(np.abs(pixels(out.images[0]) - pixels(out.images[1])).mean())
@@ -122,10 +133,10 @@ def test_injection_keeps_the_edit_closer_to_the_source(
 
 def test_word_swap_keeps_the_layout(swaps: list[tuple[MethodOutput, MethodOutput]]) -> None:
     """Issue 4: object-mask IoU source vs edit at least 0.7, where the model draws the source scene."""
-    expected = parse_caption(SOURCE)
-    drawn = [scene_correct(expected, read_scene(out.images[0])) for out, _ in swaps]
+    expected, attributes = LAYOUT_DRAWN
+    drawn = [scene_correct(expected, read_scene(out.images[0]), attributes) for out, _ in swaps]
     if np.mean(drawn) < 0.5:
-        pytest.skip(f"the model draws {SOURCE!r} in {sum(drawn)}/{len(drawn)} cases: no layout to keep")
+        pytest.skip(f"the model draws {LAYOUT_SOURCE!r} in {sum(drawn)}/{len(drawn)} cases: no layout to keep")
     ious = [mask_iou(object_mask(out.images[0]), object_mask(out.images[1])) for out, _ in swaps]
     assert np.mean(ious) >= 0.7, ious
 
@@ -200,21 +211,26 @@ def test_null_text_inversion_reconstructs_a_real_image_under_guidance(
     components: Components, render_image: tuple[Image.Image, str]
 ) -> None:
     """Mokady et al.: with guidance 7.5 plain DDIM inversion drifts; null-text inversion's source branch
-    reproduces the image (to the VAE's round trip) and identical prompts leave the edit equal to it."""
+    reproduces the image (to the VAE's round trip) and identical prompts leave the edit equal to it. At 25 steps
+    (the authors use 50): zoo v2 measured 46.5 dB against 30.2 for plain DDIM inversion. At 10 steps null-text
+    does not help on this model (21-25 dB against 27.5): the guidance-1 inversion it pivots on is itself too coarse."""
     image, prompt = render_image
+    steps = 25
     with torch.no_grad():
         round_trip = tensor_to_images(decode(components.vae, encode(components.vae, images_to_tensor([image]))))[0]
     seen: list[tuple[int, int]] = []
     optimised = p2p.run(
         components,
-        p2p.Params(source_prompt=prompt, target_prompt=prompt, steps=STEPS, null_text_steps=5),
+        p2p.Params(source_prompt=prompt, target_prompt=prompt, steps=steps, null_text_steps=10),
         {"image": image},
         generator=gen(0),
         callback=lambda step, total: seen.append((step, total)),
     )
-    ddim = edit(components, 0, {"image": image}, source_prompt=prompt, target_prompt=prompt, null_text_steps=0)
+    ddim = edit(
+        components, 0, {"image": image}, source_prompt=prompt, target_prompt=prompt, steps=steps, null_text_steps=0
+    )
     assert optimised.metrics["inversion"] == "null-text" and ddim.metrics["inversion"] == "ddim"
-    assert seen == [(i, 3 * STEPS) for i in range(1, 3 * STEPS + 1)]
+    assert seen == [(i, 3 * steps) for i in range(1, 3 * steps + 1)]
     faithful, drifting = psnr(optimised.images[0], round_trip), psnr(ddim.images[0], round_trip)
     assert faithful > drifting + 3, (faithful, drifting)
     assert np.array_equal(pixels(optimised.images[0]), pixels(optimised.images[1]))
@@ -281,21 +297,28 @@ def test_bad_inputs_name_the_value(components: Components, kwargs: dict[str, Any
 
 
 def test_refine_adds_a_word_with_the_source_layout(components: Components) -> None:
-    """Refinement accepts prompts of different lengths and, with identical shared words, keeps the source
-    closer than plain sampling of the longer prompt does."""
-    longer = "a large red circle at the center on a dark background"
+    """Refinement accepts prompts of different lengths and, with identical shared words, keeps the source's
+    objects where they were better than plain sampling of the longer prompt does (object-mask IoU over four seeds;
+    pixels would mostly measure the new background)."""
+    longer = f"{LAYOUT_SOURCE} on a dark background"
     assert dataclasses.asdict(p2p.Params(source_prompt="a", target_prompt="b"))["mode"] == "replace"
-    out = edit(components, 5, target_prompt=longer, mode="refine")
-    free = edit(
-        components, 5, target_prompt=longer, mode="refine", cross_replace_fraction=0.0, self_replace_fraction=0.0
-    )
-    # The source branch is never edited; the two runs differ only in float rounding (explicit softmax in the
-    # controlled layers against SDPA), as in test_identical_prompts_equal_plain_sampling.
-    source_difference = np.abs(pixels(out.images[0]) - pixels(free.images[0]))
-    assert source_difference.max() <= 1 and (source_difference > 0).mean() < 0.01
+    prompts = {"source_prompt": LAYOUT_SOURCE, "target_prompt": longer, "mode": "refine"}
+    runs = [
+        (
+            edit(components, seed, **prompts),
+            edit(components, seed, **prompts, cross_replace_fraction=0.0, self_replace_fraction=0.0),
+        )
+        for seed in range(5, 9)
+    ]
+    for out, free in runs:
+        # The source branch is never edited; the two runs differ only in float rounding (explicit softmax in the
+        # controlled layers against SDPA), as in test_identical_prompts_equal_plain_sampling.
+        source_difference = np.abs(pixels(out.images[0]) - pixels(free.images[0]))
+        assert source_difference.max() <= 1 and (source_difference > 0).mean() < 0.01
 
-    def distance(o: MethodOutput) -> float:
-        return float(np.abs(pixels(o.images[0]) - pixels(o.images[1])).mean())
+    def iou(o: MethodOutput) -> float:
+        return mask_iou(object_mask(o.images[0]), object_mask(o.images[1]))
 
-    require_drawn_source(components, range(5, 6))
-    assert distance(out) < distance(free)
+    require_drawn_source(components, range(5, 9))
+    kept, free_kept = np.mean([iou(out) for out, _ in runs]), np.mean([iou(free) for _, free in runs])
+    assert kept > free_kept, (kept, free_kept)
