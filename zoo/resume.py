@@ -9,6 +9,7 @@ one every session would outgrow the repository. The pack keeps what cannot be re
         ema.safetensors            their exponential moving average, float16 (what export ships)
         vae/ tokenizer/            the run's AutoencoderKL and tokenizer (the latents are recomputed)
         text/                      the pre-trained text encoder, when the run used one
+        logs/                      the UNet stage's metrics.jsonl and probe.jsonl (its curves), when present
 
 Left out and rebuilt on unpack: the rendered data and cached latents (pure functions of the seeds and
 the VAE: ``train.py data`` and ``train.py latents``), the AdamW moments (re-estimated; the UNet stage
@@ -32,6 +33,7 @@ from zoo.runs import latest_checkpoint, load_checkpoint, save_checkpoint
 
 PACKS_DIR = Path(__file__).resolve().parent / "checkpoints"
 COPIED = ("vae/final", "tokenizer", "text/final")
+LOGS = ("metrics.jsonl", "probe.jsonl")
 
 
 def pack(run: Path, unet_dir: str, name: str) -> Path:
@@ -52,6 +54,14 @@ def pack(run: Path, unet_dir: str, name: str) -> Path:
     for relative in COPIED:
         if (run / relative).exists():
             shutil.copytree(run / relative, partial / relative.split("/")[0])
+    for log in LOGS:
+        kept = out / "logs" / log  # a run unpacked from this pack holds these records already, then its own
+        if (run / unet_dir / log).exists():
+            (partial / "logs").mkdir(exist_ok=True)
+            shutil.copy(run / unet_dir / log, partial / "logs" / log)
+        elif kept.exists():
+            (partial / "logs").mkdir(exist_ok=True)
+            shutil.copy(kept, partial / "logs" / log)
     manifest = json.loads((run / "manifest.json").read_text())
     info = {"unet_dir": unet_dir, "step": state["step"], "wall_s": state["wall_s"], "manifest": manifest}
     (partial / "state.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -75,6 +85,10 @@ def unpack(name: str, run: Path) -> dict[str, Any]:
         if folder.exists():
             shutil.rmtree(run / relative, ignore_errors=True)
             shutil.copytree(folder, run / relative)
+    (run / info["unet_dir"]).mkdir(parents=True, exist_ok=True)
+    for log in LOGS:
+        if (source / "logs" / log).exists():
+            shutil.copy(source / "logs" / log, run / info["unet_dir"] / log)
     weights = load_file(str(source / "weights.safetensors"))
     ema = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(source / "ema.safetensors")).items()}
     save_checkpoint(

@@ -3,6 +3,7 @@ encoder under the UNet stage, and a run packed on one machine and resumed from t
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -117,11 +118,15 @@ def test_frozen_pretrained_text_encoder_and_a_resume_from_a_pack(runs: Path) -> 
     _stage("unpack", "--run", "fresh", "--pack", "p")
     fresh = runs / "runs" / "fresh"
     assert load_checkpoint(latest_checkpoint(fresh / "unet"))["step"] == 4
+    # The curves travel with the weights: the fresh run starts from the first machine's metrics.
+    assert (fresh / "unet" / "metrics.jsonl").read_text() == (run / "unet" / "metrics.jsonl").read_text()
     _stage("data", "--run", "fresh", "--n-scenes", "24", "--n-eval", "4")
     _stage("latents", "--run", "fresh")
     _stage("unet", *unet_args[2:], "--run", "fresh", "--resume")
     resumed = load_checkpoint(latest_checkpoint(fresh / "unet"))
     assert resumed["step"] == 6
+    steps = [json.loads(line)["step"] for line in (fresh / "unet" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] <= 2 and steps[-1] == 6, steps
     assert "optimizer" in resumed
     changed = [not torch.equal(resumed["unet"][k], state["unet"][k]) for k in state["unet"]]
     assert any(changed)
