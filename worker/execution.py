@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract.params.common import ADAPTER_NAME_FIELD
 from contract.registry import methods
 from contract.spec import MethodSpec
+from models.common.activation_cache import ActivationCache, CacheHandle
 from models.common.components import Components, MethodOutput
 from models.personalization.apply import applied
 from models.personalization.common import Adapter, read_metadata
@@ -61,7 +62,12 @@ class LeaseLost(Exception):
 
 @dataclass
 class WorkerContext:
-    """What a worker process holds across jobs."""
+    """What a worker process holds across jobs.
+
+    `activations`: recorded UNet activations for sparse region edits, sized by `settings.activation_cache_bytes`
+    and handed to every job as `inputs["activation_cache"]` (see `_prepare`); it lives as long as the process, so
+    a restarted worker starts with it empty.
+    """
 
     settings: Settings
     sessions: sessionmaker[Session]
@@ -69,6 +75,10 @@ class WorkerContext:
     cache: ModelCache
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     adapters: AdapterCache = field(default_factory=AdapterCache)
+    activations: ActivationCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.activations = ActivationCache(self.settings.activation_cache_bytes)
 
 
 class Heartbeat(threading.Thread):
@@ -187,10 +197,14 @@ class ArtifactCheckpoints:
         self.artifacts.put(self.key, data, "application/octet-stream")
 
 
-def _load_adapters(ctx: WorkerContext, session: Session, job: Job) -> list[tuple[Adapter, float]]:
-    """The job's adapters, via the LRU cache. The API resolved them when the job was created (each the tenant's,
-    for the job's base model); one may have been deleted since, which fails the job."""
-    loaded = []
+def _load_adapters(
+    ctx: WorkerContext, session: Session, job: Job
+) -> tuple[list[tuple[Adapter, float]], list[tuple[str, str, float]]]:
+    """The job's adapters, via the LRU cache, and what identifies each: (id, file sha256, scale). The API resolved
+    them when the job was created (each the tenant's, for the job's base model); one may have been deleted since,
+    which fails the job."""
+    loaded: list[tuple[Adapter, float]] = []
+    identities: list[tuple[str, str, float]] = []
     for index, ref in enumerate(job.adapters):
         row = get_adapter(session, job.tenant_id, str(ref["id"]))
         if row is None:
@@ -202,8 +216,16 @@ def _load_adapters(ctx: WorkerContext, session: Session, job: Job) -> list[tuple
             metadata = {**read_metadata(data), "tokens": json.dumps(row.tokens), "base_model": row.base_model}
             return Adapter(type=row.type, tensors=load_safetensors(data), metadata=metadata)
 
-        loaded.append((ctx.adapters.get(row.id, sha256, load), float(ref.get("scale", 1.0))))
-    return loaded
+        scale = float(ref.get("scale", 1.0))
+        loaded.append((ctx.adapters.get(row.id, sha256, load), scale))
+        identities.append((row.id, sha256, scale))
+    return loaded, identities
+
+
+def weights_identity(model: str, adapters: list[tuple[str, str, float]]) -> str:
+    """What the base model computes with during a job, as a string: its name (a process loads a name once) and the
+    adapters installed on it, each (id, sha256, scale). Part of the activation cache's keys."""
+    return json.dumps([model, [list(adapter) for adapter in adapters]])
 
 
 def _store_adapter(ctx: WorkerContext, session: Session, job: Job, output: MethodOutput) -> str:
@@ -330,7 +352,7 @@ def _prepare(ctx: WorkerContext, job: Job, spec: MethodSpec) -> Prepared:
     components = ctx.cache.get(job.model)
     with ctx.sessions() as session:
         inputs = _load_inputs(ctx, session, job, spec.image_fields, spec.image_list_fields)
-        adapters = _load_adapters(ctx, session, job)
+        adapters, identities = _load_adapters(ctx, session, job)
 
         def load_image(name: str, file_id: str) -> Image.Image:
             return _load_image(ctx, session, job, name, file_id)
@@ -341,7 +363,10 @@ def _prepare(ctx: WorkerContext, job: Job, spec: MethodSpec) -> Prepared:
     if spec.class_images:
         inputs.update(_class_images(ctx, job, cast(ClassImageRunner, runner), params, components))
     if spec.adapters == "inputs":  # e.g. a merge job: the method reads them, nothing is installed
-        inputs["adapters"], adapters = adapters, []
+        inputs["adapters"], adapters, identities = adapters, [], []
+    # The process's activation cache, for every job: a method that can reuse activations across jobs (region-edit)
+    # reads it, the others ignore it. The handle names the weights as installed, which its keys must include.
+    inputs["activation_cache"] = CacheHandle(ctx.activations, weights_identity(job.model, identities))
     checkpoints = None
     if spec.resumable:  # a resumed attempt finds the last checkpoint
         checkpoints = ArtifactCheckpoints(ctx.artifacts, checkpoint_key(job.tenant_id, job.id))

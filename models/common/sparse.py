@@ -18,6 +18,11 @@ so run it under `torch.no_grad()`). The engine's `mode` says which pass runs:
   writes its recomputed tiles into its kept output in place and returns it, so one record pass serves
   one sparse pass.
 
+What a record pass kept can be copied out (`SparseEngine.export_record`, after the record pass) and copied
+back in place of a later record pass (`import_record`, on an engine over the same UNet, for any mask): the
+kept outputs do not depend on the mask, the tile size or the margin. `models/editing/region_edit.py` keeps
+them across jobs this way (`models/common/activation_cache.py`).
+
 What runs sparse, per resolution of the feature map (the latent mask max-pooled to it, grown by
 `dilation` cells, rounded up to `tile` x `tile` blocks):
 
@@ -45,11 +50,10 @@ single UNet call with the edited cells redrawn, the sparse eps inside the mask i
 1-8% of the edit's own effect with a margin of 1, by 20-50% without (tests/models/test_sparse.py).
 
 Not implemented: SIGE's fused gather/scatter kernels (here: `index_select` / `index_copy_` of whole
-cells on the channels-last layout, with the normalisation and activation in between run dense),
-sparse VAE encoding and decoding, and reusing the original's activations across jobs (SIGE
-pre-computes them once per original image; here the dense record pass runs at every step of the job,
-so a sparse job costs a dense pass *plus* the sparse pass -- what shrinks is the pass over the edited
-input).
+cells on the channels-last layout, with the normalisation and activation in between run dense) and
+sparse VAE encoding and decoding. Without a stored recording the dense record pass runs at every step,
+so such a step costs a dense pass *plus* the sparse pass; SIGE pre-computes the original's activations
+once per image, which export / import makes possible across jobs.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 Mode = Literal["record", "sparse"]
+Recording = list[list[Any]]
+"""One record pass's kept outputs: per wrapped layer (in wrapping order), its entries in call order."""
 
 
 @dataclass(frozen=True)
@@ -244,9 +250,36 @@ class SparseEngine:
                 return self.region(*scaled)
         raise ValueError(f"no UNet resolution of a {height}x{width} latent has {count} tokens")
 
+    def export_record(self) -> Recording:
+        """Copies of what the last record pass kept, per wrapped layer in call order; call it after the record
+        pass and before the sparse pass (which overwrites the kept tensors in place). `import_record` on an
+        engine installed on the same UNet with the same call sequence replays them, for any mask."""
+        if self.mode != "record" or any(entry is None for cache in self.caches for entry in cache.entries):
+            raise RuntimeError("export_record must follow a record pass, before its sparse pass")
+        return [[_copy(entry) for entry in cache.entries] for cache in self.caches]
+
+    def import_record(self, recording: Recording) -> None:
+        """Stand in for a record pass: copies of `recording` (from `export_record`) become the kept outputs and
+        the mode becomes `sparse`. `recording` itself is never modified, so it can serve any number of passes."""
+        if len(recording) != len(self.caches):
+            raise ValueError(
+                f"recording has {len(recording)} layers, this engine wraps {len(self.caches)} (another model?)"
+            )
+        for cache, entries in zip(self.caches, recording, strict=True):
+            cache.entries = [_copy(entry) for entry in entries]
+        self.set_mode("sparse")
+
     def clear(self) -> None:
         for cache in self.caches:
             cache.entries.clear()
+
+
+def _copy(entry: Any) -> Any:
+    """A detached copy of a kept entry (a tensor or a tuple of tensors), in the same memory format: the sparse
+    pass scatters into conv outputs through their channels-last layout."""
+    if isinstance(entry, tuple):
+        return tuple(_copy(item) for item in entry)
+    return entry.detach().clone()
 
 
 class SparseConv2d(nn.Module):

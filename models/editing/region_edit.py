@@ -14,32 +14,45 @@ records its activations, then runs it on the edited latent recomputing only the 
 premise of SIGE. `sparse=False` runs the same loop with the plain dense UNet: the reference the sparse
 result approximates.
 
+The recorded activations do not depend on the mask, so they are reused across jobs, as SIGE pre-computes
+them once per original image: given `inputs["activation_cache"]` (a `CacheHandle`; the worker passes its
+process-wide cache to every job), a sparse job looks up its recording under `activation_key` (weights, image
+pixels, prompts, guidance, steps, strength, noise -- not the mask). On a hit it skips every record pass and
+replays copies of the stored activations, with a result bit-identical to recording them again; on a miss it
+records as above and stores a copy when it ends, if the recording fits the budget. A follow-up edit of the
+same image with another mask, by the same worker process, is then only the sparse pass
+(docs/sparse-cache.md).
+
 Implemented: the mask is white = edit (luminance > 127), a latent cell is edited when any of its pixels
 is, dilated by `dilation` cells; DDIM, classifier-free guidance; with `sparse=False`, the controls of
 `models/control/` (`inputs["controls"]`, `["t2i_adapters"]`, `["grounding"]`) steer the edit pass.
-Not implemented: sparse VAE encoding and decoding (SIGE also does them), and reusing the original's
-activations across jobs: the record pass runs in the job, so a sparse job does more UNet work than a
-dense one; `metrics` report the edit passes and the record passes separately. Controls with `sparse`: the
-recorded activations would have to include the control residuals of both latents; refused for now.
+`metrics` report the edit passes and the record passes separately (`unet_record_seconds`, 0 on a hit), the
+cache's answer (`activation_cache`: hit, miss, or off for a dense job, no cache or a budget of 0) and the
+recording's size (`activation_bytes`, over all steps: what the job's cache entry takes).
+Not implemented: sparse VAE encoding and decoding (SIGE also does them); sharing recordings between worker
+processes (the cache lives in one process and a restart empties it). Controls with `sparse`: the recorded
+activations would have to include the control residuals of both latents; refused for now.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.common.activation_cache import CacheHandle, cache_key, tensor_bytes
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
 from models.common.sampling import guided_noise, start_timesteps
-from models.common.sparse import sparse_inference
+from models.common.sparse import Recording, SparseEngine, sparse_inference
 from models.common.text import check_prompt, encode_prompts
 from models.control.inputs import ControlInputs, control_inputs
 
@@ -65,6 +78,88 @@ def latent_mask(mask: Image.Image, factor: int, dilation: int) -> torch.Tensor:
     if dilation:
         cells = F.max_pool2d(cells, 2 * dilation + 1, stride=1, padding=dilation)
     return cells[0, 0] > 0
+
+
+RECORD_VERSION = 1
+"""Part of every activation-cache key: bump it when what the record pass computes from the key's other parts
+changes (the loop, the noise, the text encoding), so no recording made by other code is ever replayed."""
+
+
+def activation_key(
+    components: Components, params: Params, image: Image.Image, noise: torch.Tensor, weights: str
+) -> str:
+    """The activation-cache key of a sparse job: everything its record passes depend on, and nothing else.
+
+    The original's latent at each step, q(z_t | z_0) = add_noise(clean, noise, t), and the UNet's activations on
+    it (classifier-free guidance batch) depend on the weights (`weights`: base model and installed adapters, as
+    the worker names them; device, dtype and torch's CPU threads, which can change the bits), the scheduler, the
+    image's pixels, the prompt, negative prompt and guidance scale, steps and strength (the timesteps), and the
+    noise (the seed). Not on the mask, the dilation, the tile or the margin: the record pass is dense and its
+    kept outputs are the full layers' outputs. `noise`: the job's one draw, hashed as float32 bytes.
+    """
+    pixels = image.convert("RGB")
+    return cache_key(
+        "region-edit",
+        RECORD_VERSION,
+        weights,
+        str(components.device),
+        str(components.dtype),
+        torch.get_num_threads(),
+        json.dumps(components.scheduler_config, sort_keys=True, default=str),
+        pixels.width,
+        pixels.height,
+        pixels.tobytes(),
+        params.prompt,
+        params.negative_prompt,
+        float(params.guidance_scale),
+        params.steps,
+        float(params.strength),
+        noise.detach().float().cpu().numpy().tobytes(),
+    )
+
+
+@dataclass
+class _Reuse:
+    """A job's use of the activation cache. `stored`: on a hit, the recording (one per step) that replaces the
+    record passes; `collected`: on a miss, the copies taken after each record pass, stored when the job ends,
+    dropped as soon as the whole recording is seen not to fit the budget. `nbytes`: the recording's size."""
+
+    status: Literal["hit", "miss", "off"]
+    steps: int
+    handle: CacheHandle | None = None
+    key: str = ""
+    stored: list[Recording] | None = None
+    collected: list[Recording] | None = None
+    nbytes: int = 0
+
+    @classmethod
+    def start(
+        cls, components: Components, params: Params, inputs: dict[str, Any], noise: torch.Tensor, steps: int
+    ) -> _Reuse:
+        """Look the job up: "off" for a dense job, without `inputs["activation_cache"]` or with a budget of 0."""
+        handle: CacheHandle | None = inputs.get("activation_cache")
+        if not params.sparse or handle is None or not handle.cache.enabled:
+            return cls("off", steps)
+        key = activation_key(components, params, inputs["image"], noise, handle.weights)
+        stored = handle.cache.get(key)
+        if stored is not None:
+            return cls("hit", steps, stored=stored, nbytes=tensor_bytes(stored))
+        return cls("miss", steps, handle, key, collected=[])
+
+    def recorded(self, engine: SparseEngine) -> None:
+        """After a record pass (before its sparse pass): count its bytes; on a miss, keep a copy."""
+        step_bytes = tensor_bytes([cache.entries for cache in engine.caches])
+        self.nbytes += step_bytes
+        if self.collected is not None and self.handle is not None:
+            if self.handle.cache.fits(step_bytes * self.steps):  # every step records the same shapes
+                self.collected.append(engine.export_record())
+            else:
+                self.collected = None
+
+    def finish(self) -> None:
+        """After the last step: store what a miss collected (the job ran to the end)."""
+        if self.collected is not None and self.handle is not None:
+            self.handle.cache.put(self.key, self.collected)
 
 
 def check_inputs(components: Components, params: Params, inputs: dict[str, Any]) -> None:
@@ -147,18 +242,22 @@ def _edit(
 
     # 5. Denoise inside the region; outside it the latent is the original's at each level
     edit_seconds = record_seconds = 0.0
+    reuse = _Reuse.start(components, params, inputs, noise, len(timesteps))
     sparse = sparse_inference(components.unet, region, params.tile, params.sparse_margin)  # entered only if asked
     with sparse if params.sparse else nullcontext() as engine:
         for index, timestep in enumerate(timesteps):
             reference = scheduler.add_noise(clean, noise, timestep[None])  # q(z_t | z_0)
             latents = torch.where(inside, latents, reference)
-            if engine is not None:  # SIGE: the original's activations, then the sparse pass
+            if engine is not None and reuse.stored is not None:  # a cache hit: the original's activations, kept
+                engine.import_record(reuse.stored[index])
+            elif engine is not None:  # SIGE: the original's activations, then the sparse pass
                 started = time.perf_counter()
                 engine.set_mode("record")
                 reference_input = scheduler.scale_model_input(reference, timestep)
                 guided_noise(components.unet, reference_input, timestep, cond, uncond, params.guidance_scale)
-                engine.set_mode("sparse")
                 record_seconds += time.perf_counter() - started
+                reuse.recorded(engine)
+                engine.set_mode("sparse")
             started = time.perf_counter()
             model_input = scheduler.scale_model_input(latents, timestep)
             extras = None
@@ -170,6 +269,7 @@ def _edit(
             latents = scheduler.step(eps, timestep, latents).prev_sample
             callback(index + 1, len(timesteps))
         active_fraction = engine.region(*region.shape).fraction if engine is not None else 1.0
+    reuse.finish()
     latents = torch.where(inside, latents, clean)
 
     # 6. Decode, then composite in pixel space: outside the region the output is the input, bit for bit
@@ -188,5 +288,7 @@ def _edit(
             "active_fraction": round(active_fraction, 4),
             "unet_seconds": round(edit_seconds, 4),
             "unet_record_seconds": round(record_seconds, 4),
+            "activation_cache": reuse.status,
+            "activation_bytes": reuse.nbytes,
         },
     )
