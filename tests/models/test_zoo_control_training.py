@@ -15,6 +15,7 @@ from diffusers import (
     StableDiffusionControlNetPipeline,
     StableDiffusionGLIGENPipeline,
     T2IAdapter,
+    UNet2DConditionModel,
 )
 from diffusers.models.attention import GatedSelfAttentionDense
 from PIL import Image
@@ -23,7 +24,7 @@ from models.shapes.world import parse_caption, render
 from tests.conftest import ZOO_MODEL
 from zoo.runs import latest_checkpoint
 from zoo.train_control import ControlTrainParams, render_conditioned, train_controlnet
-from zoo.train_gligen import GligenTrainParams, render_grounded, train_gligen
+from zoo.train_gligen import GligenTrainParams, gligen_variant, render_grounded, train_gligen
 
 
 def test_conditions_are_the_scenes_edges_and_masks() -> None:
@@ -103,3 +104,32 @@ def test_trains_a_gligen_variant_that_loads_in_the_stock_gligen_pipeline(tmp_pat
         output_type="np",
     ).images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_open_gate_init_is_the_base_model_and_its_layers_learn_at_once() -> None:
+    """gligen_variant(gate > 0): gates open, output projections zero, so the variant equals the base at step 0
+    while the gated layers' output projections get a gradient on the first step (gate 0: none)."""
+    torch.set_num_threads(1)
+    base = UNet2DConditionModel.from_pretrained(str(ZOO_MODEL / "unet"))
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16, generator=generator)
+    context = torch.randn(2, 8, int(base.config.cross_attention_dim), generator=generator)
+    grounding = {
+        "boxes": torch.tensor([[[0.1, 0.1, 0.5, 0.5]]]).repeat(2, 1, 1),
+        "positive_embeddings": torch.randn(2, 1, int(base.config.cross_attention_dim), generator=generator),
+        "masks": torch.ones(2, 1),
+    }
+    timesteps = torch.tensor([500, 900])
+    with torch.no_grad():
+        expected = base(latents, timesteps, context).sample
+    projections = {}
+    for gate in (0.0, 0.5):
+        variant = gligen_variant(base, gate)
+        out = variant(latents, timesteps, context, cross_attention_kwargs={"gligen": grounding}).sample
+        if gate > 0:
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+        out.pow(2).mean().backward()
+        fusers = [m for m in variant.modules() if isinstance(m, GatedSelfAttentionDense)]
+        assert fusers
+        projections[gate] = max(f.attn.to_out[0].weight.grad.abs().max().item() for f in fusers)
+    assert projections[0.0] == 0.0 and projections[0.5] > 0.0, projections
