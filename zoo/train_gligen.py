@@ -36,7 +36,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention import GatedSelfAttentionDense  # noqa: E402
 
 from models.control.gligen import MAX_OBJECTS  # noqa: E402
-from models.shapes.world import Scene, caption, object_phrase, render, sample_scene  # noqa: E402
+from models.shapes.world import caption, object_phrase, positionless_caption, render, sample_scene  # noqa: E402
 from zoo.addon_training import AddonLoop, FrozenBase, Schedule  # noqa: E402
 
 logger = logging.getLogger("zoo.train_gligen")
@@ -55,12 +55,6 @@ class GligenTrainParams:
     seed: int = 0
     checkpoint_every: int = 250
     gate: float = 0.0  # see gligen_variant
-
-
-def positionless_caption(scene: Scene) -> str:
-    """The scene's objects named without where they are: "a small red circle and a large blue square"."""
-    text = " and ".join(object_phrase(obj) for obj in scene.objects)
-    return text if scene.background == "light" else f"{text} on a {scene.background} background"
 
 
 @dataclass

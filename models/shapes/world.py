@@ -381,6 +381,13 @@ def object_phrase(obj: ShapeObject) -> str:
     return _noun_phrase(obj)
 
 
+def positionless_caption(scene: Scene) -> str:
+    """The scene's objects named without where they are: "a small red circle and a large blue square" (and the
+    background unless light). A control (edges, sketch, boxes) then has to say where things go."""
+    text = " and ".join(object_phrase(obj) for obj in scene.objects)
+    return text if scene.background == "light" else f"{text} on a {scene.background} background"
+
+
 def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
     """Describe a scene. Without rng: the canonical caption, e.g. "a small red circle at the top left
     and a large blue square at the center on a dark background" (background named unless light).
