@@ -7,12 +7,16 @@ message (at-least-once delivery) can never both run a job, and a terminal state 
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Engine, and_, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from store.tables import TERMINAL_STATES, Job, JobState, utcnow
@@ -30,12 +34,14 @@ class Claim:
     reason: ClaimReason
 
 
-def claim(session: Session, job_id: str, owner: str, lease_seconds: float) -> Claim:
-    """Take the job if it is queued, or running under an expired lease, and attempts remain."""
+def claim(session: Session, job_id: str, owner: str, lease_seconds: float, dead_owner: str | None = None) -> Claim:
+    """Take the job if it is queued, or running under an expired lease (or under `dead_owner`'s, a worker known
+    to be dead), and attempts remain."""
     now = utcnow()
     claimable = or_(
         Job.state == JobState.queued,
         and_(Job.state == JobState.running, Job.lease_expires_at < now),
+        and_(Job.state == JobState.running, Job.lease_owner == (dead_owner or "")),
     )
     result = session.execute(
         update(Job)
@@ -63,8 +69,9 @@ def claim(session: Session, job_id: str, owner: str, lease_seconds: float) -> Cl
     if job.cancel_requested and _cancel_unstarted(session, job_id):
         return Claim(session.get(Job, job_id, populate_existing=True), "terminal")
     expired = job.state == JobState.running and job.lease_expires_at is not None and job.lease_expires_at < now
-    if (job.state == JobState.queued or expired) and job.attempts >= job.max_attempts:
-        give_up(session, job_id, "worker_lost", f"the job ended its worker {job.attempts} times")
+    orphaned = job.state == JobState.running and dead_owner is not None and job.lease_owner == dead_owner
+    if (job.state == JobState.queued or expired or orphaned) and job.attempts >= job.max_attempts:
+        give_up(session, job_id, "worker_lost", f"the job ended its worker {job.attempts} times", dead_owner)
         return Claim(session.get(Job, job_id, populate_existing=True), "exhausted")
     return Claim(job, "held")
 
@@ -85,14 +92,18 @@ def _cancel_unstarted(session: Session, job_id: str) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def give_up(session: Session, job_id: str, code: str, message: str) -> bool:
-    """Fail a job nobody holds a live lease on (its attempts are spent)."""
+def give_up(session: Session, job_id: str, code: str, message: str, dead_owner: str | None = None) -> bool:
+    """Fail a job nobody holds a live lease on (its attempts are spent); `dead_owner`'s lease counts as gone."""
     now = utcnow()
     result = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
-            or_(Job.state == JobState.queued, and_(Job.state == JobState.running, Job.lease_expires_at < now)),
+            or_(
+                Job.state == JobState.queued,
+                and_(Job.state == JobState.running, Job.lease_expires_at < now),
+                and_(Job.state == JobState.running, Job.lease_owner == (dead_owner or "")),
+            ),
         )
         .values(state=JobState.failed, error_code=code, error_message=message, finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
@@ -212,22 +223,61 @@ def republish_due(job: Job, now: datetime, after_seconds: float) -> bool:
     return (now - job.published_at).total_seconds() >= backoff
 
 
-def stale_jobs(session: Session, older_than: datetime, limit: int = 200) -> list[Job]:
-    """Candidates the broker may have lost: queued and not published since `older_than`, or running on an
-    expired lease (filter queued ones further with `republish_due`)."""
+def stale_jobs(session: Session, published_before: datetime, limit: int = 1000) -> list[Job]:
+    """Candidates the broker may have lost: queued and not published since `published_before` (the reconciler
+    then asks the broker, or applies `republish_due`), or running on an expired lease. Longest-unpublished first."""
     now = utcnow()
     query = (
         select(Job)
         .where(
             or_(
-                and_(Job.state == JobState.queued, or_(Job.published_at.is_(None), Job.published_at < older_than)),
+                and_(
+                    Job.state == JobState.queued,
+                    or_(Job.published_at.is_(None), Job.published_at < published_before),
+                ),
                 and_(Job.state == JobState.running, Job.lease_expires_at < now),
             )
         )
-        .order_by(Job.created_at)
+        .order_by(Job.published_at.asc().nulls_first(), Job.created_at)
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+RECONCILER_LOCK = 0x41544C52
+"""The Postgres advisory lock key that one reconciler at a time holds ("ATLR")."""
+
+
+@contextmanager
+def reconciler_lock(engine: Engine) -> Iterator[bool]:
+    """Yields whether this process may reconcile now; one process at a time does, so two workers never re-send
+    the same rows. Postgres: a session advisory lock on a connection of its own, held for the pass and released
+    with it (also when the process dies). SQLite: an exclusive lock on a file beside the database."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            held = bool(connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": RECONCILER_LOCK}))
+            connection.commit()
+            try:
+                yield held
+            finally:
+                if held:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RECONCILER_LOCK})
+                    connection.commit()
+        return
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield True
+        return
+    with Path(f"{database}.reconciler.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def encode_cursor(job: Job) -> str:

@@ -72,12 +72,22 @@ class Settings(BaseSettings):
     max_jobs_page: int = 100
 
     # Jobs
-    job_lease_seconds: float = 30.0
+    job_lease_seconds: float = 8.0
     job_max_attempts: int = 3
     job_soft_time_limit: float = 1800.0
     job_hard_time_limit: float = 1900.0
     progress_interval: float = 0.25
-    republish_after_seconds: float = 15.0
+    republish_after_seconds: float = Field(
+        default=15.0,
+        description="A queued job whose message a worker took but did not start, or whose broker cannot be "
+        "inspected (the filesystem broker), is re-published after this many seconds (doubling with each "
+        "re-publish, up to 16x).",
+    )
+    republish_grace_seconds: float = Field(
+        default=3.0,
+        description="A queued job published this long ago whose message the Redis broker no longer holds "
+        "(in a queue or taken by a worker) is re-published: it was lost, e.g. in a broker restart.",
+    )
     reconcile_interval: float = 5.0
     webhook_secret: str = "change-me"
     webhook_max_attempts: int = 5

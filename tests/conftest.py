@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from store.db import engine_for, session_scope
 from store.migrate import upgrade
@@ -38,6 +39,24 @@ def _reset_database(url: str) -> None:
             connection.execute(text("DROP SCHEMA public CASCADE"))
             connection.execute(text("CREATE SCHEMA public"))
     upgrade(url)
+
+
+def own_database(settings: Settings, name: str) -> Settings:
+    """`settings` with a fresh, migrated database of its own (`<database>_<name>`): for tests that drive jobs by
+    hand, out of reach of the session's live worker, whose reconciler acts on every job of its database."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "postgresql":
+        own = url.set(database=f"{url.database}_{name}")
+        admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            if not connection.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": own.database}):
+                connection.execute(text(f'CREATE DATABASE "{own.database}"'))
+        admin.dispose()
+    else:
+        own = url.set(database=f"{url.database}.{name}")
+    database_url = own.render_as_string(hide_password=False)
+    _reset_database(database_url)
+    return settings.model_copy(update={"database_url": database_url})
 
 
 def _reset_broker(url: str) -> None:
@@ -198,12 +217,15 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) ->
 
 
 @pytest.fixture(scope="session")
-def worker(
-    settings: Settings, env_settings: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[subprocess.Popen[bytes]]:
+def worker_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's worker writes its log."""
+    return tmp_path_factory.mktemp("worker") / "worker.log"
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings, env_settings: dict[str, str], worker_log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """One real worker for the whole session."""
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    process = start_worker(env_settings, log_path)
+    process = start_worker(env_settings, worker_log)
     yield process
     stop_process(process)
 

@@ -10,8 +10,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from store.jobs import ClaimReason, claim, finish, heartbeat
 from store.settings import Settings
 from store.tables import Job, JobState
 from worker.controls import job_controls
+from worker.owners import current_owner, owner_is_dead
 from worker.runners import ClassImageRunner, ResumableRunner, Runner, load_runner, method_params
 from worker.runtime import AdapterCache, ModelCache
 
@@ -73,7 +72,7 @@ class WorkerContext:
     sessions: sessionmaker[Session]
     artifacts: ArtifactStore
     cache: ModelCache
-    owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    owner: str = field(default_factory=current_owner)
     adapters: AdapterCache = field(default_factory=AdapterCache)
     activations: ActivationCache = field(init=False)
 
@@ -299,6 +298,11 @@ def execute_job(ctx: WorkerContext, job_id: str) -> RunOutcome:
     # 1. Claim: a conditional update, so a duplicate message never runs a job twice.
     with ctx.sessions() as session:
         outcome = claim(session, job_id, ctx.owner, ctx.settings.job_lease_seconds)
+        if outcome.reason == "held" and outcome.job is not None and owner_is_dead(outcome.job.lease_owner):
+            # Its worker process died on this host (Celery re-queued the message): take it over now.
+            dead = outcome.job.lease_owner
+            log.warning("job %s: its worker %s is dead; taking it over", job_id, dead)
+            outcome = claim(session, job_id, ctx.owner, ctx.settings.job_lease_seconds, dead_owner=dead)
     if outcome.reason != "claimed" or outcome.job is None:
         log.info("job %s not run: %s", job_id, outcome.reason)
         return outcome.reason

@@ -1,37 +1,89 @@
-"""Re-publish what the broker lost: the database says which jobs should be moving and aren't."""
+"""Re-publish what the broker lost: the database says which jobs should be moving, the broker which are.
+
+One reconciler acts at a time across all workers (`store.jobs.reconciler_lock`). A queued job is re-published
+only on evidence that its message is gone: the Redis broker holds it neither in a queue nor taken by a worker
+(`worker.broker_state`), checked twice, a moment apart, so a message in flight between the two is not mistaken
+for a lost one. A long queue is not evidence. Where the broker cannot be read (filesystem), or a worker took
+the message but has not started the job, the time-based rule (`store.jobs.republish_due`) applies. A running
+job whose lease expired lost its worker: it is re-published, or failed as `worker_lost` once its attempts are
+spent.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 from celery import Celery
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.jobs import give_up, mark_published, republish_due, stale_jobs
+from store.jobs import give_up, mark_published, reconciler_lock, republish_due, stale_jobs
 from store.settings import Settings
-from store.tables import JobState, utcnow
-from worker.celery_app import publish_job, publish_webhook
+from store.tables import Job, JobState, utcnow
+from worker.broker_state import BrokerSnapshot, snapshot
+from worker.celery_app import QUEUES, publish_job, publish_webhook
 
 log = logging.getLogger("atelier.reconciler")
 
+Inspect = Callable[[Celery, Iterable[str]], BrokerSnapshot | None]
+CONFIRM_DELAY = 0.5
+"""Seconds between the two broker reads that must both miss a message before its job counts as lost."""
 
-def reconcile_once(sessions: sessionmaker[Session], celery: Celery, settings: Settings) -> dict[str, int]:
-    """One pass; returns counts of what it did."""
+
+def reconcile_once(
+    sessions: sessionmaker[Session], celery: Celery, settings: Settings, inspect: Inspect = snapshot
+) -> dict[str, int]:
+    """One pass, if no other reconciler is in one; returns counts of what it did (`busy`: another one was)."""
+    engine = sessions.kw["bind"]
+    assert isinstance(engine, Engine)
+    with reconciler_lock(engine) as mine:
+        if not mine:
+            return {"busy": 1}
+        counts = _pass(sessions, celery, settings, inspect)
+    if any(counts.values()):
+        log.info("reconciler: %s", counts)
+    return counts
+
+
+def _pass(sessions: sessionmaker[Session], celery: Celery, settings: Settings, inspect: Inspect) -> dict[str, int]:
     now = utcnow()
-    counts = {"republished": 0, "gave_up": 0}
+    counts = {"republished": 0, "gave_up": 0, "in_broker": 0}
     with sessions() as session:
-        candidates = stale_jobs(session, now - timedelta(seconds=settings.republish_after_seconds))
+        candidates = stale_jobs(session, now - timedelta(seconds=settings.republish_grace_seconds))
+        try:
+            seen = inspect(celery, QUEUES) if candidates else None
+        except Exception:
+            log.warning("broker unreachable; will retry", exc_info=True)
+            return counts
+        due: list[Job] = []
+        missing: list[Job] = []
         for job in candidates:
-            if job.state == JobState.running and job.attempts >= job.max_attempts:
-                if give_up(session, job.id, "worker_lost", f"the job ended its worker {job.attempts} times"):
-                    counts["gave_up"] += 1
-                    if job.callback_url:
-                        publish_webhook(celery, job.id)
-                continue
-            if not republish_due(job, now, settings.republish_after_seconds):
-                continue
+            if job.state == JobState.running:  # on an expired lease: its worker is gone
+                if job.attempts >= job.max_attempts:
+                    if give_up(session, job.id, "worker_lost", f"the job ended its worker {job.attempts} times"):
+                        counts["gave_up"] += 1
+                        if job.callback_url:
+                            publish_webhook(celery, job.id)
+                elif seen is not None and job.id in seen.waiting:  # Celery re-queued it already
+                    counts["in_broker"] += 1
+                elif republish_due(job, now, settings.republish_after_seconds):
+                    due.append(job)
+            elif job.published_at is None:  # its publish failed
+                due.append(job)
+            elif seen is None or job.id in seen.taken:  # no evidence, or a worker took it: wait, then resend
+                if republish_due(job, now, settings.republish_after_seconds):
+                    due.append(job)
+            elif job.id in seen.waiting:
+                counts["in_broker"] += 1
+            else:
+                missing.append(job)
+        if missing:
+            due += _confirm_missing(session, celery, missing, inspect)
+        for job in due:
             try:
                 publish_job(celery, job.id, job.queue)
             except Exception:
@@ -39,9 +91,22 @@ def reconcile_once(sessions: sessionmaker[Session], celery: Celery, settings: Se
                 break
             mark_published(session, job.id)
             counts["republished"] += 1
-    if any(counts.values()):
-        log.info("reconciler: %s", counts)
     return counts
+
+
+def _confirm_missing(session: Session, celery: Celery, missing: list[Job], inspect: Inspect) -> list[Job]:
+    """Of the queued jobs the broker did not hold, those it still does not hold a moment later and that are
+    still queued (a worker may have claimed one in between)."""
+    time.sleep(CONFIRM_DELAY)
+    again = inspect(celery, QUEUES)
+    if again is None:
+        return []
+    lost = []
+    for job in missing:
+        session.refresh(job)
+        if job.state == JobState.queued and not again.holds(job.id):
+            lost.append(job)
+    return lost
 
 
 class Reconciler(threading.Thread):

@@ -6,15 +6,13 @@ import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from store.db import session_factory
 from store.jobs import claim, finish, heartbeat, republish_due, request_cancel
 from store.settings import Settings
 from store.tables import Job, JobState, new_id, utcnow
-from tests.conftest import _reset_database, make_tenant
+from tests.conftest import make_tenant, own_database
 
 
 @pytest.fixture(scope="module")
@@ -22,19 +20,7 @@ def settings(settings: Settings) -> Settings:
     """These tests drive the state machine by hand (leases of 10 ms, attempts run out), so they get a database of
     their own: the session's live worker (started by other tests) reconciles every job in its database and would
     take these over."""
-    url = make_url(settings.database_url)
-    if url.get_backend_name() == "postgresql":
-        own = url.set(database=f"{url.database}_store_jobs")
-        admin = create_engine(url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            if not connection.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": own.database}):
-                connection.execute(text(f'CREATE DATABASE "{own.database}"'))
-        admin.dispose()
-    else:
-        own = url.set(database=f"{url.database}.store_jobs")
-    database_url = own.render_as_string(hide_password=False)
-    _reset_database(database_url)
-    return settings.model_copy(update={"database_url": database_url})
+    return own_database(settings, "store_jobs")
 
 
 def new_job(session: Session, tenant_id: str, **values: object) -> Job:

@@ -1,0 +1,217 @@
+"""The reconciler re-sends a job's message only on evidence that the broker lost it, one reconciler at a time.
+
+The defect (issue 14): with no fault at all, 150 jobs got 196 extra messages, because any job queued longer than
+15 s counted as lost and every worker's reconciler re-sent the same rows. These tests run against a database and
+a Redis database of their own, where no worker consumes, so the queue stays as long as the test makes it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy.orm import Session
+
+from store.db import engine_for, session_factory
+from store.jobs import claim, reconciler_lock
+from store.settings import Settings
+from store.tables import Job, JobState, new_id, utcnow
+from tests.conftest import make_tenant, own_database
+from worker.broker_state import BrokerSnapshot, run_message_job, snapshot
+from worker.celery_app import make_celery, publish_job
+from worker.owners import current_owner, owner_is_dead
+from worker.reconciler import reconcile_once
+
+QUIET_REDIS_DB = 14
+"""A Redis database of the test server that no worker reads."""
+
+
+@pytest.fixture(scope="module")
+def settings(settings: Settings) -> Settings:
+    own = own_database(settings, "reconciler")
+    updates: dict[str, Any] = {"republish_grace_seconds": 0.0, "republish_after_seconds": 2.0}
+    if settings.broker_url.startswith("redis"):
+        base = settings.broker_url.rsplit("/", 1)[0]
+        updates["broker_url"] = f"{base}/{QUIET_REDIS_DB}"
+    return own.model_copy(update=updates)
+
+
+@pytest.fixture()
+def quiet_redis(settings: Settings) -> Iterator[redis.Redis]:
+    """The test's own Redis database, emptied before and after (skips without a Redis broker)."""
+    if not settings.broker_url.startswith("redis"):
+        pytest.skip("needs the Redis broker (CI runs it)")
+    client = redis.Redis.from_url(settings.broker_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def queued_jobs(settings: Settings, count: int, published_ago: float, **values: Any) -> list[str]:
+    """`count` committed queued jobs, published (as far as the database knows) `published_ago` seconds ago."""
+    tenant_id, _ = make_tenant(settings)
+    ids = []
+    with session_factory(settings.database_url)() as session:
+        for _ in range(count):
+            job = Job(
+                id=new_id("job"),
+                tenant_id=tenant_id,
+                kind="text-to-image",
+                queue="inference",
+                model="m",
+                params={"prompt": "x"},
+                max_attempts=3,
+                published_at=utcnow() - timedelta(seconds=published_ago),
+                publish_count=1,
+                **values,
+            )
+            session.add(job)
+            ids.append(job.id)
+        session.commit()
+    return ids
+
+
+def publish_counts(settings: Settings, ids: list[str]) -> list[int]:
+    with session_factory(settings.database_url)() as session:
+        return [session.get(Job, job_id).publish_count for job_id in ids]  # type: ignore[union-attr]
+
+
+def in_queue(client: redis.Redis) -> Counter[str]:
+    return Counter(run_message_job(raw) or "" for raw in client.lrange("inference", 0, -1))
+
+
+def reconcile_from(settings: Settings, celery: Celery, workers: int = 3) -> list[dict[str, int]]:
+    """One pass from each of `workers` reconcilers at once, as several workers' threads would run them."""
+    sessions = session_factory(settings.database_url)
+    results: list[dict[str, int]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(reconcile_once(sessions, celery, settings)))
+        for _ in range(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_a_long_queue_is_left_alone_and_a_lost_message_is_sent_again_once(
+    settings: Settings, quiet_redis: redis.Redis
+) -> None:
+    celery = make_celery(settings)
+    ids = queued_jobs(settings, 30, published_ago=120)  # far past every time-based rule
+    for job_id in ids:
+        publish_job(celery, job_id, "inference")
+
+    for _ in range(3):
+        results = reconcile_from(settings, celery)
+        assert sum(r.get("republished", 0) for r in results) == 0, results
+    assert in_queue(quiet_redis) == Counter(ids)  # no extra message
+    assert publish_counts(settings, ids) == [1] * 30
+
+    lost = ids[::3]  # the broker loses ten messages
+    for raw in quiet_redis.lrange("inference", 0, -1):
+        if run_message_job(raw) in lost:
+            quiet_redis.lrem("inference", 1, raw)
+    results = reconcile_from(settings, celery) + reconcile_from(settings, celery)
+    assert sum(r.get("republished", 0) for r in results) == len(lost), results
+    assert in_queue(quiet_redis) == Counter(ids)  # each lost one re-sent exactly once
+    assert publish_counts(settings, ids) == [2 if job_id in lost else 1 for job_id in ids]
+
+
+def test_the_broker_snapshot_sees_queued_and_taken_messages(settings: Settings, quiet_redis: redis.Redis) -> None:
+    celery = make_celery(settings)
+    publish_job(celery, "job_waiting", "inference")
+    publish_job(celery, "job_training", "training")
+    raw = quiet_redis.rpop("inference")  # what a worker does on delivery: the message moves to `unacked`
+    quiet_redis.hset("unacked", "tag", f'[{raw.decode()}, "", "inference"]')  # type: ignore[union-attr]
+    publish_job(celery, "job_waiting_2", "inference")
+    seen = snapshot(celery, ("inference", "training"))
+    assert seen == BrokerSnapshot(frozenset({"job_waiting_2", "job_training"}), frozenset({"job_waiting"}))
+
+
+def test_a_taken_message_waits_for_the_time_based_rule(settings: Settings) -> None:
+    """A worker took the message but has not started the job: it may be about to; re-send only after the wait."""
+    celery = make_celery(settings.model_copy(update={"broker_url": "filesystem://"}))
+    sent: list[str] = []
+    recent, old = queued_jobs(settings, 1, published_ago=0.5), queued_jobs(settings, 1, published_ago=30)
+    seen = BrokerSnapshot(frozenset(), frozenset(recent + old))
+    sessions = session_factory(settings.database_url)
+    celery.send_task = lambda name, args, **_: sent.append(args[0])  # type: ignore[method-assign]
+    counts = reconcile_once(sessions, celery, settings, inspect=lambda *_: seen)
+    assert old[0] in sent and recent[0] not in sent, (counts, sent)
+
+
+def test_without_broker_evidence_the_time_based_rule_applies(settings: Settings) -> None:
+    """The filesystem broker cannot be read: a job is re-sent after `republish_after_seconds`, not before."""
+    celery = make_celery(settings.model_copy(update={"broker_url": "filesystem://"}))
+    sent: list[str] = []
+    celery.send_task = lambda name, args, **_: sent.append(args[0])  # type: ignore[method-assign]
+    fresh, stale = queued_jobs(settings, 1, published_ago=1), queued_jobs(settings, 1, published_ago=30)
+    reconcile_once(session_factory(settings.database_url), celery, settings, inspect=lambda *_: None)
+    assert stale[0] in sent and fresh[0] not in sent
+
+
+def test_only_one_reconciler_acts_at_a_time(settings: Settings) -> None:
+    celery = make_celery(settings.model_copy(update={"broker_url": "filesystem://"}))
+    sessions = session_factory(settings.database_url)
+    engine = engine_for(settings.database_url)
+    with reconciler_lock(engine) as mine:
+        assert mine
+        assert reconcile_once(sessions, celery, settings, inspect=lambda *_: None) == {"busy": 1}
+    assert "busy" not in reconcile_once(sessions, celery, settings, inspect=lambda *_: None)
+
+
+def test_an_expired_job_already_requeued_by_celery_is_not_sent_again(settings: Settings) -> None:
+    celery = make_celery(settings.model_copy(update={"broker_url": "filesystem://"}))
+    sent: list[str] = []
+    celery.send_task = lambda name, args, **_: sent.append(args[0])  # type: ignore[method-assign]
+    expired = {"state": JobState.running, "lease_owner": "gone", "lease_expires_at": utcnow() - timedelta(seconds=5)}
+    requeued = queued_jobs(settings, 1, published_ago=30, attempts=1, **expired)
+    orphaned = queued_jobs(settings, 1, published_ago=30, attempts=1, **expired)
+    seen = BrokerSnapshot(frozenset(requeued), frozenset())
+    reconcile_once(session_factory(settings.database_url), celery, settings, inspect=lambda *_: seen)
+    assert orphaned[0] in sent and requeued[0] not in sent
+
+
+def _owner_of(pid: int) -> str:
+    return current_owner().rsplit(":", 2)[0] + f":{pid}:" + current_owner().rsplit(":", 1)[1]
+
+
+def test_a_dead_worker_on_this_host_is_known_dead() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not owner_is_dead(_owner_of(child.pid))
+        os.kill(child.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # killed, not reaped: a zombie
+        assert owner_is_dead(_owner_of(child.pid))
+    finally:
+        child.wait()
+    assert owner_is_dead(_owner_of(child.pid))
+    assert not owner_is_dead(current_owner())
+    assert not owner_is_dead(f"another-host:{child.pid}:{current_owner().rsplit(':', 1)[1]}")
+    assert not owner_is_dead(f"{socket.gethostname()}:{child.pid}")  # the old name, without a namespace
+    assert not owner_is_dead(f"{socket.gethostname()}:{child.pid}:4026531999")  # another pid namespace
+    assert not owner_is_dead(None)
+
+
+def test_a_job_held_by_a_dead_owner_is_taken_over(settings: Settings) -> None:
+    lease = {"state": JobState.running, "lease_owner": "w:1:ns", "lease_expires_at": utcnow() + timedelta(minutes=5)}
+    (job_id,) = queued_jobs(settings, 1, published_ago=0, attempts=1, **lease)
+    with Session(engine_for(settings.database_url)) as session:
+        assert claim(session, job_id, "w:2:ns", 30).reason == "held"
+        assert claim(session, job_id, "w:2:ns", 30, dead_owner="w:3:ns").reason == "held"  # not its owner
+        taken = claim(session, job_id, "w:2:ns", 30, dead_owner="w:1:ns")
+    assert taken.reason == "claimed" and taken.job is not None
+    assert taken.job.attempts == 2 and taken.job.lease_owner == "w:2:ns"
