@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from api.errors import unauthorized
 from store.artifacts import ArtifactStore
 from store.db import session_factory
+from store.retry import close_quietly
 from store.settings import Settings
 from store.tables import Tenant
 from store.tenants import create_tenant, tenant_for_key
@@ -34,7 +35,7 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
     try:
         yield session
     finally:
-        session.close()
+        close_quietly(session)  # a dead connection must not turn an answered request into a dropped one
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -9,9 +9,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from store.artifacts import StorageUnavailable
+from store.retry import DatabaseUnavailable, is_transient
 
 log = logging.getLogger("atelier.api")
 
@@ -24,7 +26,7 @@ class ErrorDetail(BaseModel):
 class ErrorInfo(BaseModel):
     code: str = Field(
         description="Stable and machine-readable: `invalid_request`, `invalid_image`, `not_found`, `unauthorized`, "
-        "`too_large`, `image_too_large`, `storage_unavailable`, …"
+        "`too_large`, `image_too_large`, `storage_unavailable`, `database_unavailable`, …"
     )
     message: str = Field(description="For people; names the field when one is at fault.")
     details: list[ErrorDetail] | None = Field(default=None, description="One entry per field at fault.")
@@ -44,7 +46,8 @@ ERRORS = {
     413: "The body is over `ATELIER_MAX_REQUEST_BYTES` (`too_large`) or an image over the pixel limit "
     "(`image_too_large`).",
     422: "A field is invalid; `details` names it.",
-    503: "Artifact storage failed (`storage_unavailable`); try again.",
+    503: "Artifact storage (`storage_unavailable`) or the database (`database_unavailable`) failed; try again "
+    "after `Retry-After` seconds.",
 }
 
 
@@ -130,6 +133,15 @@ def install(app: FastAPI) -> None:
         log.error("artifact storage failed on %s %s", request.method, request.url.path, exc_info=exc)
         error = storage_unavailable()
         return JSONResponse(_body(error.code, error.message), status_code=error.status)
+
+    @app.exception_handler(DatabaseUnavailable)
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, DBAPIError) and not is_transient(exc):
+            return await _internal(request, exc)
+        log.error("the database failed on %s %s", request.method, request.url.path, exc_info=exc)
+        body = _body("database_unavailable", "the database is unavailable; try again later")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -71,7 +71,8 @@ def store_output(
     content_type: str,
     size: tuple[int, int] | None,
 ) -> str:
-    """Write a job output under its deterministic key and upsert its row; returns the file id."""
+    """Write a job output under its deterministic key and upsert its row (the caller commits); returns the file
+    id."""
     file_id = output_file_id(job_id, name)
     key = output_key(tenant_id, job_id, name)
     artifacts.put(key, data, content_type)
@@ -94,5 +95,4 @@ def store_output(
         set_={k: statement.excluded[k] for k in ("size_bytes", "sha256", "width", "height")},
     )
     session.execute(statement)
-    session.commit()
     return file_id

@@ -64,6 +64,8 @@ def claim(session: Session, job_id: str, owner: str, lease_seconds: float, dead_
         return Claim(None, "not_found")
     if result.rowcount == 1:  # type: ignore[attr-defined]
         return Claim(job, "claimed")
+    if job.state == JobState.running and job.lease_owner == owner:  # a retried claim whose commit went through
+        return Claim(job, "claimed")
     if job.state in TERMINAL_STATES:
         return Claim(job, "terminal")
     if job.cancel_requested and _cancel_unstarted(session, job_id):
@@ -171,6 +173,12 @@ def finish(
     )
     session.commit()
     return bool(updated.rowcount)  # type: ignore[attr-defined]
+
+
+def finished_by(session: Session, job_id: str, owner: str, state: JobState) -> bool:
+    """Whether `owner`'s terminal write of `state` is already in the row (a retried `finish`)."""
+    row = session.execute(select(Job.state, Job.lease_owner).where(Job.id == job_id)).first()
+    return row is not None and row.state == state and row.lease_owner == owner
 
 
 def request_cancel(session: Session, job: Job) -> Job:

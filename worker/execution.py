@@ -30,10 +30,11 @@ from models.common.components import Components, MethodOutput
 from models.personalization.apply import applied
 from models.personalization.common import Adapter, read_metadata
 from models.personalization.concepts import CLASS_IMAGES_SEED, generate_class_images
-from store.adapters import checkpoint_key, get_adapter, read_adapter_file, save_adapter
+from store.adapters import adapter_id_for_job, adapter_key, checkpoint_key, get_adapter, read_adapter_file, save_adapter
 from store.artifacts import ArtifactNotFound, ArtifactStore, StorageUnavailable
-from store.files import get_file, store_output
-from store.jobs import ClaimReason, claim, finish, heartbeat
+from store.files import get_file, output_key, store_output
+from store.jobs import Claim, ClaimReason, claim, finish, finished_by, heartbeat
+from store.retry import DatabaseUnavailable, in_session, retrying
 from store.settings import Settings
 from store.tables import Job, JobState
 from worker.controls import job_controls
@@ -43,8 +44,9 @@ from worker.runtime import AdapterCache, ModelCache
 
 log = logging.getLogger("atelier.worker")
 
-RunOutcome = JobState | ClaimReason | Literal["lease_lost"]
-"""What `execute_job` reports: the state it wrote, why it did not run the job, or that another worker took it."""
+RunOutcome = JobState | ClaimReason | Literal["lease_lost", "unrecorded"]
+"""What `execute_job` reports: the state it wrote, why it did not run the job, that another worker took it, or
+that the database failed through every retry of the terminal write (the job runs again after its lease)."""
 
 
 class JobCanceled(Exception):
@@ -159,18 +161,41 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _write_outputs(ctx: WorkerContext, session: Session, job: Job, output: MethodOutput) -> list[str]:
+def _output_files(output: MethodOutput) -> list[tuple[str, bytes, str, tuple[int, int] | None]]:
+    """(name, bytes, content type, size) of every output file, in the job's order."""
     named = [(f"image-{i}.png", image) for i, image in enumerate(output.images)]
     named += [(f"{name}.png", image) for name, image in output.extra_images.items()]
+    files = [(name, _png(image), "image/png", image.size) for name, image in named]
+    return files + [(name, file.data, file.content_type, None) for name, file in output.files.items()]
+
+
+def _write_outputs(ctx: WorkerContext, session: Session, job: Job, output: MethodOutput) -> list[str]:
+    """Every output's bytes, then all their rows in one commit: a failed commit leaves no row of this attempt."""
     ids = [
-        store_output(session, ctx.artifacts, job.tenant_id, job.id, name, _png(image), "image/png", image.size)
-        for name, image in named
+        store_output(session, ctx.artifacts, job.tenant_id, job.id, name, data, content_type, size)
+        for name, data, content_type, size in _output_files(output)
     ]
-    ids += [
-        store_output(session, ctx.artifacts, job.tenant_id, job.id, name, file.data, file.content_type, None)
-        for name, file in output.files.items()
-    ]
+    session.commit()
     return ids
+
+
+def _store_results_retrying(ctx: WorkerContext, job: Job, output: MethodOutput) -> list[str]:
+    """`_store_results` through transient faults. If the database stays down, the bytes written are removed
+    again, so no file is left without its row; only on a first attempt, because an earlier one's rows may
+    point at the same deterministic keys."""
+    try:
+        return retrying("storing the outputs", lambda: _store_results(ctx, job, output))
+    except DatabaseUnavailable:
+        if job.attempts == 1:
+            keys = [output_key(job.tenant_id, job.id, name) for name, *_ in _output_files(output)]
+            if output.adapter is not None:
+                keys.append(adapter_key(job.tenant_id, adapter_id_for_job(job.id)))
+            for key in keys:
+                try:
+                    ctx.artifacts.delete(key)
+                except StorageUnavailable:
+                    log.warning("job %s: could not remove an output after the database failed", job.id)
+        raise
 
 
 class ArtifactCheckpoints:
@@ -294,15 +319,12 @@ class Ending:
 
 
 def execute_job(ctx: WorkerContext, job_id: str) -> RunOutcome:
-    """Run the job if this worker can claim it; returns what happened (for logs and tests)."""
+    """Run the job if this worker can claim it; returns what happened (for logs and tests).
+
+    Database work is retried through transient faults (`store.retry`): a job never fails because of a dropped
+    connection the database survived."""
     # 1. Claim: a conditional update, so a duplicate message never runs a job twice.
-    with ctx.sessions() as session:
-        outcome = claim(session, job_id, ctx.owner, ctx.settings.job_lease_seconds)
-        if outcome.reason == "held" and outcome.job is not None and owner_is_dead(outcome.job.lease_owner):
-            # Its worker process died on this host (Celery re-queued the message): take it over now.
-            dead = outcome.job.lease_owner
-            log.warning("job %s: its worker %s is dead; taking it over", job_id, dead)
-            outcome = claim(session, job_id, ctx.owner, ctx.settings.job_lease_seconds, dead_owner=dead)
+    outcome = in_session(ctx.sessions, "claiming the job", lambda session: _claim(ctx, session, job_id))
     if outcome.reason != "claimed" or outcome.job is None:
         log.info("job %s not run: %s", job_id, outcome.reason)
         return outcome.reason
@@ -310,24 +332,33 @@ def execute_job(ctx: WorkerContext, job_id: str) -> RunOutcome:
     spec = methods()[job.kind]
     beat = Heartbeat(ctx, job_id)
     beat.start()
-    try:
+    try:  # the lease is renewed until the end is written
         ending = _attempt(ctx, job, spec, beat)  # 2-4: load, run, write outputs
+        if ending is None:
+            log.warning("job %s: lease lost, leaving it to its new owner", job_id)
+            return "lease_lost"
+        return _finish(ctx, job, spec, ending, beat.progress)  # 5. The guarded terminal write.
     finally:
         beat.stop_event.set()
-    if ending is None:
-        log.warning("job %s: lease lost, leaving it to its new owner", job_id)
-        return "lease_lost"
-    # 5. The guarded terminal write.
-    return _finish(ctx, job, spec, ending, beat.progress)
+
+
+def _claim(ctx: WorkerContext, session: Session, job_id: str) -> Claim:
+    outcome = claim(session, job_id, ctx.owner, ctx.settings.job_lease_seconds)
+    if outcome.reason == "held" and outcome.job is not None and owner_is_dead(outcome.job.lease_owner):
+        # Its worker process died on this host (Celery re-queued the message): take it over now.
+        dead = outcome.job.lease_owner
+        log.warning("job %s: its worker %s is dead; taking it over", job_id, dead)
+        outcome = claim(session, job_id, ctx.owner, ctx.settings.job_lease_seconds, dead_owner=dead)
+    return outcome
 
 
 def _attempt(ctx: WorkerContext, job: Job, spec: MethodSpec, beat: Heartbeat) -> Ending | None:
     """Load, run and write the outputs; every failure becomes the job's error. None: the lease was lost."""
     started = time.perf_counter()
     try:
-        prepared = _prepare(ctx, job, spec)
+        prepared = retrying("loading the job's inputs", lambda: _prepare(ctx, job, spec))
         output, method_seconds = _run_method(ctx, job, prepared, beat)
-        outputs = _store_results(ctx, job, output)
+        outputs = _store_results_retrying(ctx, job, output)
     except JobCanceled:
         return Ending(JobState.canceled)
     except (JobTimedOut, SoftTimeLimitExceeded) as exc:
@@ -336,6 +367,9 @@ def _attempt(ctx: WorkerContext, job: Job, spec: MethodSpec, beat: Heartbeat) ->
         return None
     except ValueError as exc:
         return Ending(JobState.failed, "invalid_input", str(exc))
+    except DatabaseUnavailable as exc:  # its message names the operation, never SQL
+        log.exception("job %s: the database failed through the retries", job.id)
+        return Ending(JobState.failed, "database_unavailable", str(exc))
     except StorageUnavailable as exc:  # its message names the operation, never a path
         log.exception("job %s: artifact store failed", job.id)
         return Ending(JobState.failed, "storage_unavailable", str(exc))
@@ -412,7 +446,8 @@ def _finish(
 ) -> RunOutcome:
     """5. The terminal write, only if this worker still holds the job."""
     succeeded = ending.state == JobState.succeeded
-    with ctx.sessions() as session:
+
+    def write(session: Session) -> bool:
         written = finish(
             session,
             job.id,
@@ -425,6 +460,14 @@ def _finish(
             error_message=ending.error_message or None,
             progress=progress,
         )
+        # A retry after a commit whose reply was lost finds its own end already written.
+        return written or finished_by(session, job.id, ctx.owner, ending.state)
+
+    try:
+        written = in_session(ctx.sessions, "writing the job's end", write)
+    except DatabaseUnavailable:
+        log.exception("job %s: its end could not be written; it runs again once its lease expires", job.id)
+        return "unrecorded"
     if written and succeeded and spec.resumable:
         ctx.artifacts.delete(checkpoint_key(job.tenant_id, job.id))  # the adapter is stored; no resume is needed
     error = f" ({ending.error_code})" if ending.error_code else ""
