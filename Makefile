@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck zoo bench-service bench-quality bench-gpu clean
+.PHONY: serve test lint typecheck zoo bench-service bench-quality bench-gpu chaos clean
 
 $(STAMP): requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-quality: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) -m bench.gpu
+
+chaos: $(STAMP)
+	$(PY) -m bench.chaos
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

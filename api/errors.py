@@ -46,6 +46,8 @@ ERRORS = {
     413: "The body is over `ATELIER_MAX_REQUEST_BYTES` (`too_large`) or an image over the pixel limit "
     "(`image_too_large`).",
     422: "A field is invalid; `details` names it.",
+    429: "The tenant is over a quota (`rate_limited`: jobs created per minute; `too_many_jobs`: jobs queued or "
+    "running); retry after `Retry-After` seconds.",
     503: "Artifact storage (`storage_unavailable`) or the database (`database_unavailable`) failed; try again "
     "after `Retry-After` seconds.",
 }
@@ -58,6 +60,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         responses[status] = {"model": ErrorBody, "description": ERRORS[status]}
         if status == 401:
             responses[status]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "example": "Bearer"}}
+        if status in (429, 503):
+            responses[status]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "example": 10}}
     return responses
 
 

@@ -48,10 +48,19 @@ def resolve_model(spec: MethodSpec, name: str | None, settings: Settings) -> str
 def resolve_adapters(session: Session, tenant_id: str, refs: list[AdapterRef], model_name: str) -> list[dict[str, Any]]:
     """Each adapter must be the tenant's and trained for `model_name`; returns them as the job stores them."""
     resolved = []
+    tokens: dict[str, int] = {}  # token -> the index of the adapter that brings it
     for index, ref in enumerate(refs):
         row = get_adapter(session, tenant_id, ref.id)
         if row is None:
             raise invalid(f"adapters[{index}].id", f"adapter {ref.id!r} not found")
+        for token in row.tokens or []:
+            if token in tokens:
+                raise invalid(
+                    f"adapters[{index}].id",
+                    f"adapter {ref.id!r} brings token {token!r}, as adapters[{tokens[token]}] does: "
+                    "one token can mean one concept per job",
+                )
+            tokens[token] = index
         if row.base_model != model_name:
             raise invalid(
                 f"adapters[{index}].id",

@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session
 from api.errors import ApiError, invalid, not_found
 from api.images import CheckedImage, check_image, decode_base64
 from api.job_options import JobOptions, resolve_options
+from api.quotas import check_cost, check_quotas
+from api.text_checks import check_new_token, check_prompt_lengths
 from contract.params.common import JobRequest
 from contract.spec import MethodSpec
 from store.artifacts import ArtifactStore
@@ -89,6 +91,8 @@ def create_job(
         if existing is not None:
             return existing, False
 
+    # 0. The tenant's quotas (429): its submission rate and its queued and running jobs.
+    check_quotas(session, tenant, settings)
     # 1. The job's options: the base model (it must be able to run the method), the seed, the adapters.
     options = resolve_options(spec, request, tenant.id, session, settings)
     # 2. The images: existing file ids are checked; base64 is validated (stored in step 3).
@@ -96,6 +100,11 @@ def create_job(
     images = resolve_images(_image_refs(spec, params) + _condition_refs(options), tenant.id, session, settings)
     _check_same_size(spec, images.sizes)
     _check_condition_sizes(spec, params, options, images.sizes)
+    check_cost(spec, params, images.sizes, options.model, tenant, settings)
+    model_folder = settings.models_dir / options.model
+    check_prompt_lengths(model_folder, params)
+    if isinstance(params.get("token"), str):  # a training job's new word
+        check_new_token(model_folder, "token", params["token"])
     # 3. Inline images and the row in one transaction.
     try:
         job = _write_job(spec, options, params, images, tenant, idempotency_key, digest, session, artifacts, settings)

@@ -120,6 +120,8 @@ def main() -> None:
     upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
         tenant = create_tenant(session, f"bench-{int(time.time())}")
+        # The bench measures the service's throughput, not the quotas: its tenant's are lifted.
+        tenant.limits = {"submissions_per_minute": 10**6, "max_active_jobs": 10**6, "max_running_jobs": 10**3}
         _, key = create_key(session, tenant.id)
     headers = {"Authorization": f"Bearer {key}"}
     image_bytes = input_png()

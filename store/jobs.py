@@ -16,14 +16,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Engine, and_, or_, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, and_, func, or_, select, text, update
+from sqlalchemy.orm import Session, aliased
 
 from store.tables import TERMINAL_STATES, Job, JobState, utcnow
 
-ClaimReason = Literal["claimed", "not_found", "terminal", "held", "exhausted"]
+ClaimReason = Literal["claimed", "not_found", "terminal", "held", "exhausted", "deferred"]
 """claimed: this worker runs it; not_found; terminal: it already ended; held: another worker's live lease;
-exhausted: its attempts ran out (it is failed now)."""
+exhausted: its attempts ran out (it is failed now); deferred: its tenant runs `max_running` jobs already."""
 
 
 @dataclass(frozen=True)
@@ -34,18 +34,49 @@ class Claim:
     reason: ClaimReason
 
 
-def claim(session: Session, job_id: str, owner: str, lease_seconds: float, dead_owner: str | None = None) -> Claim:
+@dataclass(frozen=True)
+class TenantCap:
+    """At most `max_running` of tenant `tenant_id`'s jobs run at once."""
+
+    tenant_id: str
+    max_running: int
+
+
+def _others_running(job_id: str) -> Any:
+    """The number of running jobs of the job's tenant other than the job itself (correlated with `Job`)."""
+    other = aliased(Job)
+    return (
+        select(func.count())
+        .where(other.tenant_id == Job.tenant_id, other.state == JobState.running, other.id != job_id)
+        .scalar_subquery()
+    )
+
+
+def claim(
+    session: Session,
+    job_id: str,
+    owner: str,
+    lease_seconds: float,
+    dead_owner: str | None = None,
+    cap: TenantCap | None = None,
+) -> Claim:
     """Take the job if it is queued, or running under an expired lease (or under `dead_owner`'s, a worker known
-    to be dead), and attempts remain."""
+    to be dead), attempts remain, and (with `cap`) its tenant has fewer than `cap.max_running` others running.
+    On Postgres the cap holds exactly: claims of one tenant's jobs take a transaction lock on the tenant."""
     now = utcnow()
     claimable = or_(
         Job.state == JobState.queued,
         and_(Job.state == JobState.running, Job.lease_expires_at < now),
         and_(Job.state == JobState.running, Job.lease_owner == (dead_owner or "")),
     )
+    conditions = [Job.id == job_id, claimable, Job.attempts < Job.max_attempts, Job.cancel_requested.is_(False)]
+    if cap is not None:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(select(func.pg_advisory_xact_lock(func.hashtext(cap.tenant_id))))
+        conditions.append(_others_running(job_id) < cap.max_running)
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, claimable, Job.attempts < Job.max_attempts, Job.cancel_requested.is_(False))
+        .where(*conditions)
         .values(
             state=JobState.running,
             attempts=Job.attempts + 1,
@@ -75,6 +106,8 @@ def claim(session: Session, job_id: str, owner: str, lease_seconds: float, dead_
     if (job.state == JobState.queued or expired or orphaned) and job.attempts >= job.max_attempts:
         give_up(session, job_id, "worker_lost", f"the job ended its worker {job.attempts} times", dead_owner)
         return Claim(session.get(Job, job_id, populate_existing=True), "exhausted")
+    if (job.state == JobState.queued or expired or orphaned) and cap is not None:
+        return Claim(job, "deferred")
     return Claim(job, "held")
 
 
@@ -250,6 +283,12 @@ def stale_jobs(session: Session, published_before: datetime, limit: int = 1000) 
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+def running_on_host(session: Session, owner_prefix: str, limit: int = 200) -> list[Job]:
+    """Running jobs whose lease owner's name begins with `owner_prefix` (a host's workers), live lease or not."""
+    query = select(Job).where(Job.state == JobState.running, Job.lease_owner.startswith(owner_prefix, autoescape=True))
+    return list(session.scalars(query.limit(limit)))
 
 
 RECONCILER_LOCK = 0x41544C52

@@ -71,8 +71,25 @@ class Settings(BaseSettings):
     max_image_side: int = 4096
     max_jobs_page: int = 100
 
+    # Quotas (per tenant; an admin can override each for one tenant, `PATCH /v1/admin/tenants/{id}`)
+    tenant_max_running_jobs: int = Field(
+        default=2, ge=1, description="A tenant's jobs running at once; more wait in the queue, others go first."
+    )
+    tenant_max_active_jobs: int = Field(
+        default=100, ge=1, description="A tenant's queued and running jobs together; a submission beyond is a 429."
+    )
+    tenant_submissions_per_minute: int = Field(
+        default=120, ge=1, description="Jobs a tenant may create in any 60 s; beyond it a 429 with Retry-After."
+    )
+    max_job_cost: float = Field(
+        default=800.0,
+        gt=0,
+        description="One job's denoising work: steps x images x (pixels / the model's native pixels). Over it, "
+        "a 422 at submission. 800 is e.g. 50 steps of 4 images at 1024 x 1024 on a 512-pixel model.",
+    )
+
     # Jobs
-    job_lease_seconds: float = 8.0
+    job_lease_seconds: float = 6.0
     job_max_attempts: int = 3
     job_soft_time_limit: float = 1800.0
     job_hard_time_limit: float = 1900.0
@@ -88,7 +105,7 @@ class Settings(BaseSettings):
         description="A queued job published this long ago whose message the Redis broker no longer holds "
         "(in a queue or taken by a worker) is re-published: it was lost, e.g. in a broker restart.",
     )
-    reconcile_interval: float = 5.0
+    reconcile_interval: float = 2.0
     webhook_secret: str = "change-me"
     webhook_max_attempts: int = 5
     webhook_timeout: float = 5.0

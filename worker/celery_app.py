@@ -57,7 +57,9 @@ def make_celery(settings: Settings) -> Celery:
         task_soft_time_limit=settings.job_soft_time_limit,
         task_time_limit=settings.job_hard_time_limit,
         worker_hijack_root_logger=False,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A broker blip must not kill a running job (a GPU job of minutes): the row, not the message, says whether
+        # it ran, so the message Redis restores after the loss is a harmless duplicate.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
 
@@ -65,9 +67,16 @@ def make_celery(settings: Settings) -> Celery:
 celery_app = make_celery(get_settings())
 
 
-def publish_job(app: Celery, job_id: str, queue: str) -> None:
+NORMAL_PRIORITY = 6
+URGENT_PRIORITY = 0
+"""Redis serves a queue's priority 0 before 3, 6 and 9 (kombu's steps). New jobs go at NORMAL_PRIORITY; what
+the reconciler re-sends (a job whose worker died, a message the broker lost) at URGENT_PRIORITY, ahead of the
+backlog, since it was submitted before it."""
+
+
+def publish_job(app: Celery, job_id: str, queue: str, priority: int = NORMAL_PRIORITY) -> None:
     """Send the run message for a committed job row (raises if the broker is unreachable)."""
-    app.send_task(RUN_JOB, args=[job_id], queue=queue, retry=True, retry_policy={"max_retries": 2})
+    app.send_task(RUN_JOB, args=[job_id], queue=queue, priority=priority, retry=True, retry_policy={"max_retries": 2})
 
 
 def publish_webhook(app: Celery, job_id: str) -> None:

@@ -20,6 +20,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.params.common import ADAPTER_NAME_FIELD
@@ -33,10 +34,11 @@ from models.personalization.concepts import CLASS_IMAGES_SEED, generate_class_im
 from store.adapters import adapter_id_for_job, adapter_key, checkpoint_key, get_adapter, read_adapter_file, save_adapter
 from store.artifacts import ArtifactNotFound, ArtifactStore, StorageUnavailable
 from store.files import get_file, output_key, store_output
-from store.jobs import Claim, ClaimReason, claim, finish, finished_by, heartbeat
+from store.jobs import Claim, ClaimReason, TenantCap, claim, finish, finished_by, heartbeat
+from store.quotas import limits_for
 from store.retry import DatabaseUnavailable, in_session, retrying
 from store.settings import Settings
-from store.tables import Job, JobState
+from store.tables import Job, JobState, Tenant
 from worker.controls import job_controls
 from worker.owners import current_owner, owner_is_dead
 from worker.runners import ClassImageRunner, ResumableRunner, Runner, load_runner, method_params
@@ -343,12 +345,19 @@ def execute_job(ctx: WorkerContext, job_id: str) -> RunOutcome:
 
 
 def _claim(ctx: WorkerContext, session: Session, job_id: str) -> Claim:
-    outcome = claim(session, job_id, ctx.owner, ctx.settings.job_lease_seconds)
+    """Claim it within its tenant's cap on running jobs (`store.quotas`)."""
+    row = session.execute(select(Job.tenant_id).where(Job.id == job_id)).first()
+    if row is None:
+        return Claim(None, "not_found")
+    limits = limits_for(session.get(Tenant, row.tenant_id), ctx.settings)
+    cap = TenantCap(row.tenant_id, limits.max_running_jobs)
+    lease = ctx.settings.job_lease_seconds
+    outcome = claim(session, job_id, ctx.owner, lease, cap=cap)
     if outcome.reason == "held" and outcome.job is not None and owner_is_dead(outcome.job.lease_owner):
         # Its worker process died on this host (Celery re-queued the message): take it over now.
         dead = outcome.job.lease_owner
         log.warning("job %s: its worker %s is dead; taking it over", job_id, dead)
-        outcome = claim(session, job_id, ctx.owner, ctx.settings.job_lease_seconds, dead_owner=dead)
+        outcome = claim(session, job_id, ctx.owner, lease, dead_owner=dead, cap=cap)
     return outcome
 
 

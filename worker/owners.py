@@ -21,9 +21,20 @@ def _pid_namespace() -> str:
         return "-"
 
 
+def _host() -> str:
+    """The host part of owner names: `ATELIER_WORKER_HOST`, else the machine's host name. Workers that share a
+    host name but not a pid namespace (containers on the host network) each need their own."""
+    return os.environ.get("ATELIER_WORKER_HOST") or socket.gethostname()
+
+
 def current_owner() -> str:
     """This process's lease-owner name: `host:pid:pid-namespace`."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_pid_namespace()}"
+    return f"{_host()}:{os.getpid()}:{_pid_namespace()}"
+
+
+def host_prefix() -> str:
+    """What every lease-owner name of this host begins with."""
+    return f"{_host()}:"
 
 
 def _alive(pid: int) -> bool:
@@ -49,6 +60,6 @@ def owner_is_dead(owner: str | None) -> bool:
     if len(parts) != 3 or not parts[1].isdigit():
         return False
     host, pid, namespace = parts
-    if host != socket.gethostname() or namespace != _pid_namespace() or namespace == "-":
+    if host != _host() or namespace != _pid_namespace() or namespace == "-":
         return False
     return int(pid) != os.getpid() and not _alive(int(pid))

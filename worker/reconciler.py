@@ -15,17 +15,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.jobs import give_up, mark_published, reconciler_lock, republish_due, stale_jobs
+from store.jobs import give_up, mark_published, reconciler_lock, republish_due, running_on_host, stale_jobs
 from store.settings import Settings
 from store.tables import Job, JobState, utcnow
 from worker.broker_state import BrokerSnapshot, snapshot
-from worker.celery_app import QUEUES, publish_job, publish_webhook
+from worker.celery_app import QUEUES, URGENT_PRIORITY, publish_job, publish_webhook
+from worker.owners import host_prefix, owner_is_dead
 
 log = logging.getLogger("atelier.reconciler")
 
@@ -70,7 +71,7 @@ def _pass(sessions: sessionmaker[Session], celery: Celery, settings: Settings, i
                             publish_webhook(celery, job.id)
                 elif seen is not None and job.id in seen.waiting:  # Celery re-queued it already
                     counts["in_broker"] += 1
-                elif republish_due(job, now, settings.republish_after_seconds):
+                elif sent_before_attempt(job) or republish_due(job, now, settings.republish_after_seconds):
                     due.append(job)
             elif job.published_at is None:  # its publish failed
                 due.append(job)
@@ -83,15 +84,33 @@ def _pass(sessions: sessionmaker[Session], celery: Celery, settings: Settings, i
                 missing.append(job)
         if missing:
             due += _confirm_missing(session, celery, missing, inspect)
+        chosen = {job.id for job in due}
+        due += [job for job in _orphaned_here(session, now, settings) if job.id not in chosen]
         for job in due:
             try:
-                publish_job(celery, job.id, job.queue)
+                publish_job(celery, job.id, job.queue, URGENT_PRIORITY)
             except Exception:
                 log.warning("broker unreachable; will retry", exc_info=True)
                 break
             mark_published(session, job.id)
             counts["republished"] += 1
     return counts
+
+
+def sent_before_attempt(job: Job) -> bool:
+    """Whether every message of the job predates its current attempt's claim: that attempt consumed it, so
+    nothing will bring the job back but a new one (its lost worker cannot)."""
+    return job.published_at is None or (job.started_at is not None and job.published_at <= job.started_at)
+
+
+def _orphaned_here(session: Session, now: datetime, settings: Settings) -> list[Job]:
+    """Running jobs whose worker process died on this host: they need not wait for their lease
+    (`worker.owners`); the worker that gets the message takes them over. Celery re-queues a killed pool
+    process's message itself, but at the end of the queue; one urgent copy puts the job ahead of the backlog
+    (then the time-based rule, if it is still not taken)."""
+    orphaned = [job for job in running_on_host(session, host_prefix()) if owner_is_dead(job.lease_owner)]
+    after = settings.republish_after_seconds
+    return [job for job in orphaned if sent_before_attempt(job) or republish_due(job, now, after)]
 
 
 def _confirm_missing(session: Session, celery: Celery, missing: list[Job], inspect: Inspect) -> list[Job]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
@@ -10,10 +11,11 @@ from celery import signals
 from contract.webhook_targets import Allowlist, TargetRefused
 from store.artifacts import artifact_store
 from store.db import session_factory
+from store.jobs import mark_published
 from store.migrate import upgrade
 from store.settings import get_settings
 from store.tables import TERMINAL_STATES, Job, utcnow
-from worker.celery_app import DELIVER_WEBHOOK, RUN_JOB, celery_app
+from worker.celery_app import DELIVER_WEBHOOK, RUN_JOB, celery_app, publish_job
 
 if TYPE_CHECKING:  # the execution module imports torch; a task module must not
     from worker.execution import RunOutcome
@@ -49,7 +51,28 @@ def run_job(job_id: str) -> str:
     result = execute_job(context(), job_id)
     if result in ENDED:
         _notify(job_id)
+    elif result == "deferred":  # its tenant runs its quota of jobs: back to the end of the queue, after a pause
+        _requeue(job_id)
     return result
+
+
+DEFER_SECONDS = 0.5
+"""The pause before a deferred job's message goes back to the queue, so a queue of nothing but one tenant's
+deferred jobs does not spin."""
+
+
+def _requeue(job_id: str) -> None:
+    time.sleep(DEFER_SECONDS)
+    with session_factory(get_settings().database_url)() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return
+        try:
+            publish_job(celery_app, job_id, job.queue)
+        except Exception:  # the reconciler re-sends it: the broker does not hold it
+            log.warning("could not re-queue deferred job %s", job_id, exc_info=True)
+            return
+        mark_published(session, job_id)
 
 
 def _notify(job_id: str) -> None:

@@ -77,7 +77,7 @@ for _spec in methods().values():
         description=f"{_spec.summary}\n\nPaper: {_spec.paper}\n\nQueue: `{_spec.queue}`.",
         tags=[_spec.group],
         operation_id=f"create_{_spec.kind.replace('-', '_')}",
-        responses=error_responses(400, 413, 503),
+        responses=error_responses(400, 413, 429, 503),
     )
 
 

@@ -29,7 +29,7 @@ from store.settings import Settings
 from store.tables import Job, JobState, new_id, utcnow
 from tests.conftest import make_tenant, own_database
 from worker.broker_state import BrokerSnapshot, run_message_job, snapshot
-from worker.celery_app import make_celery, publish_job
+from worker.celery_app import URGENT_PRIORITY, make_celery, publish_job
 from worker.owners import current_owner, owner_is_dead
 from worker.reconciler import reconcile_once
 
@@ -87,8 +87,16 @@ def publish_counts(settings: Settings, ids: list[str]) -> list[int]:
         return [session.get(Job, job_id).publish_count for job_id in ids]  # type: ignore[union-attr]
 
 
-def in_queue(client: redis.Redis) -> Counter[str]:
-    return Counter(run_message_job(raw) or "" for raw in client.lrange("inference", 0, -1))
+def queue_keys(celery: Celery, queue: str = "inference") -> list[str]:
+    """The Redis lists of `queue`, one per priority step (kombu's layout)."""
+    with celery.connection_for_read() as connection:
+        channel: Any = connection.default_channel
+        return [channel._q_for_pri(queue, priority) for priority in channel.priority_steps]
+
+
+def in_queue(client: redis.Redis, celery: Celery) -> Counter[str]:
+    raws = [raw for key in queue_keys(celery) for raw in client.lrange(key, 0, -1)]
+    return Counter(run_message_job(raw) or "" for raw in raws)
 
 
 def reconcile_from(settings: Settings, celery: Celery, workers: int = 3) -> list[dict[str, int]]:
@@ -117,16 +125,17 @@ def test_a_long_queue_is_left_alone_and_a_lost_message_is_sent_again_once(
     for _ in range(3):
         results = reconcile_from(settings, celery)
         assert sum(r.get("republished", 0) for r in results) == 0, results
-    assert in_queue(quiet_redis) == Counter(ids)  # no extra message
+    assert in_queue(quiet_redis, celery) == Counter(ids)  # no extra message
     assert publish_counts(settings, ids) == [1] * 30
 
     lost = ids[::3]  # the broker loses ten messages
-    for raw in quiet_redis.lrange("inference", 0, -1):
-        if run_message_job(raw) in lost:
-            quiet_redis.lrem("inference", 1, raw)
+    for key in queue_keys(celery):
+        for raw in quiet_redis.lrange(key, 0, -1):
+            if run_message_job(raw) in lost:
+                quiet_redis.lrem(key, 1, raw)
     results = reconcile_from(settings, celery) + reconcile_from(settings, celery)
     assert sum(r.get("republished", 0) for r in results) == len(lost), results
-    assert in_queue(quiet_redis) == Counter(ids)  # each lost one re-sent exactly once
+    assert in_queue(quiet_redis, celery) == Counter(ids)  # each lost one re-sent exactly once
     assert publish_counts(settings, ids) == [2 if job_id in lost else 1 for job_id in ids]
 
 
@@ -134,7 +143,8 @@ def test_the_broker_snapshot_sees_queued_and_taken_messages(settings: Settings, 
     celery = make_celery(settings)
     publish_job(celery, "job_waiting", "inference")
     publish_job(celery, "job_training", "training")
-    raw = quiet_redis.rpop("inference")  # what a worker does on delivery: the message moves to `unacked`
+    (key,) = [key for key in queue_keys(celery) if quiet_redis.llen(key)]
+    raw = quiet_redis.rpop(key)  # what a worker does on delivery: the message moves to `unacked`
     quiet_redis.hset("unacked", "tag", f'[{raw.decode()}, "", "inference"]')  # type: ignore[union-attr]
     publish_job(celery, "job_waiting_2", "inference")
     seen = snapshot(celery, ("inference", "training"))
@@ -215,3 +225,22 @@ def test_a_job_held_by_a_dead_owner_is_taken_over(settings: Settings) -> None:
         taken = claim(session, job_id, "w:2:ns", 30, dead_owner="w:1:ns")
     assert taken.reason == "claimed" and taken.job is not None
     assert taken.job.attempts == 2 and taken.job.lease_owner == "w:2:ns"
+
+
+def test_a_job_whose_worker_died_on_this_host_is_resent_at_once_ahead_of_the_queue(settings: Settings) -> None:
+    """Its lease has minutes to run, but its owner is a dead process here: the reconciler re-sends it now, at the
+    urgent priority, so it does not wait behind the backlog."""
+    celery = make_celery(settings.model_copy(update={"broker_url": "filesystem://"}))
+    sent: list[tuple[str, int]] = []
+    celery.send_task = lambda name, args, **kw: sent.append((args[0], kw["priority"]))  # type: ignore[method-assign]
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    live = {"state": JobState.running, "lease_expires_at": utcnow() + timedelta(minutes=5), "attempts": 1}
+    live["started_at"] = utcnow()  # claimed after its one message was sent
+    (dead_job,) = queued_jobs(settings, 1, published_ago=1, lease_owner=_owner_of(child.pid), **live)
+    (live_job,) = queued_jobs(settings, 1, published_ago=1, lease_owner=current_owner(), **live)
+    sessions = session_factory(settings.database_url)
+    reconcile_once(sessions, celery, settings, inspect=lambda *_: None)
+    assert (dead_job, URGENT_PRIORITY) in sent and live_job not in [job for job, _ in sent]
+    reconcile_once(sessions, celery, settings, inspect=lambda *_: None)  # one urgent copy, not one a pass
+    assert [job for job, _ in sent].count(dead_job) == 1

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from store.db import session_factory
-from store.jobs import claim, finish, heartbeat, republish_due, request_cancel
+from store.jobs import TenantCap, claim, finish, heartbeat, republish_due, request_cancel
 from store.settings import Settings
 from store.tables import Job, JobState, new_id, utcnow
 from tests.conftest import make_tenant, own_database
@@ -109,3 +109,22 @@ def test_republish_backs_off() -> None:
     job.publish_count = 2  # waits 40 s now
     assert not republish_due(job, now, 20)
     assert republish_due(Job(published_at=None, publish_count=0), now, 20)
+
+
+def test_a_tenant_at_its_running_cap_is_deferred(settings: Settings) -> None:
+    """`max_running_jobs`: a worker does not claim a tenant's job while the tenant runs its cap; another
+    tenant's job is claimed as usual, and so is the first job once a running one ends."""
+    busy, other = make_tenant(settings)[0], make_tenant(settings)[0]
+    with session_factory(settings.database_url)() as session:
+        running = new_job(session, busy)
+        assert claim(session, running.id, "worker-a", 30, cap=TenantCap(busy, 1)).reason == "claimed"
+        waiting = new_job(session, busy)
+        deferred = claim(session, waiting.id, "worker-b", 30, cap=TenantCap(busy, 1))
+        assert deferred.reason == "deferred" and deferred.job is not None
+        assert deferred.job.state == JobState.queued and deferred.job.attempts == 0
+        assert claim(session, new_job(session, other).id, "worker-b", 30, cap=TenantCap(other, 1)).reason == "claimed"
+        assert claim(session, waiting.id, "worker-b", 30, cap=TenantCap(busy, 2)).reason == "claimed"
+        assert finish(session, waiting.id, "worker-b", JobState.succeeded)
+        assert finish(session, running.id, "worker-a", JobState.succeeded)
+        third = new_job(session, busy)
+        assert claim(session, third.id, "worker-b", 30, cap=TenantCap(busy, 1)).reason == "claimed"
