@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -296,26 +297,31 @@ RECONCILER_LOCK = 0x41544C52
 
 
 @contextmanager
-def reconciler_lock(engine: Engine) -> Iterator[bool]:
+def reconciler_lock(engine: Engine, scope: str = "") -> Iterator[bool]:
     """Yields whether this process may reconcile now; one process at a time does, so two workers never re-send
-    the same rows. Postgres: a session advisory lock on a connection of its own, held for the pass and released
-    with it (also when the process dies). SQLite: an exclusive lock on a file beside the database."""
+    the same rows. `scope` names a narrower lock (one host's own jobs), held apart from the global one.
+    Postgres: a session advisory lock on a connection of its own, held for the pass and released with it (also
+    when the process dies). SQLite: an exclusive lock on a file beside the database."""
+    key = RECONCILER_LOCK
+    if scope:  # a stable 63-bit key of its own
+        key = int.from_bytes(hashlib.blake2b(scope.encode(), digest_size=8).digest(), "big") >> 1
     if engine.dialect.name == "postgresql":
         with engine.connect() as connection:
-            held = bool(connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": RECONCILER_LOCK}))
+            held = bool(connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}))
             connection.commit()
             try:
                 yield held
             finally:
                 if held:
-                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RECONCILER_LOCK})
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
                     connection.commit()
         return
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield True
         return
-    with Path(f"{database}.reconciler.lock").open("a") as handle:
+    suffix = f".{key:x}" if scope else ""
+    with Path(f"{database}.reconciler{suffix}.lock").open("a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

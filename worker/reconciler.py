@@ -1,12 +1,13 @@
 """Re-publish what the broker lost: the database says which jobs should be moving, the broker which are.
 
-One reconciler acts at a time across all workers (`store.jobs.reconciler_lock`). A queued job is re-published
-only on evidence that its message is gone: the Redis broker holds it neither in a queue nor taken by a worker
-(`worker.broker_state`), checked twice, a moment apart, so a message in flight between the two is not mistaken
-for a lost one. A long queue is not evidence. Where the broker cannot be read (filesystem), or a worker took
-the message but has not started the job, the time-based rule (`store.jobs.republish_due`) applies. A running
-job whose lease expired lost its worker: it is re-published, or failed as `worker_lost` once its attempts are
-spent.
+One reconciler acts at a time across all workers (`store.jobs.reconciler_lock`); the jobs of this host's
+dead processes are re-sent under a lock of the host's own, so they never wait for another host's reconciler.
+A queued job is re-published only on evidence that its message is gone: the Redis broker holds it neither in
+a queue nor taken by a worker (`worker.broker_state`), checked twice, a moment apart, so a message in flight
+between the two is not mistaken for a lost one. A long queue is not evidence. Where the broker cannot be read
+(filesystem), or a worker took the message but has not started the job, the time-based rule
+(`store.jobs.republish_due`) applies. A running job whose lease expired lost its worker: it gets one urgent
+copy (then the time-based rule), or fails as `worker_lost` once its attempts are spent.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.jobs import give_up, mark_published, reconciler_lock, republish_due, running_on_host, stale_jobs
+from store.jobs import (
+    give_up,
+    mark_published,
+    reconciler_lock,
+    republish_due,
+    running_on_host,
+    stale_jobs,
+)
 from store.settings import Settings
 from store.tables import Job, JobState, utcnow
 from worker.broker_state import BrokerSnapshot, snapshot
@@ -42,10 +50,14 @@ def reconcile_once(
     engine = sessions.kw["bind"]
     assert isinstance(engine, Engine)
     with reconciler_lock(engine) as mine:
-        if not mine:
-            return {"busy": 1}
-        counts = _pass(sessions, celery, settings, inspect)
-    if any(counts.values()):
+        counts = _pass(sessions, celery, settings, inspect) if mine else {"busy": 1}
+    # This host's dead processes are known only here: their jobs must not wait for the global lock's holder.
+    with reconciler_lock(engine, scope=host_prefix()) as mine_here:
+        if mine_here:
+            orphans = _resend(sessions, celery, _orphaned_here, settings)
+            if orphans:
+                counts["republished"] = counts.get("republished", 0) + orphans
+    if any(value for key, value in counts.items() if key != "busy"):
         log.info("reconciler: %s", counts)
     return counts
 
@@ -69,9 +81,12 @@ def _pass(sessions: sessionmaker[Session], celery: Celery, settings: Settings, i
                         counts["gave_up"] += 1
                         if job.callback_url:
                             publish_webhook(celery, job.id)
-                elif seen is not None and job.id in seen.waiting:  # Celery re-queued it already
-                    counts["in_broker"] += 1
-                elif sent_before_attempt(job) or republish_due(job, now, settings.republish_after_seconds):
+                elif sent_since_expiry(job):  # one urgent copy after the lease ran out, then time-based
+                    if republish_due(job, now, settings.republish_after_seconds):
+                        due.append(job)
+                    elif seen is not None and job.id in seen.waiting:
+                        counts["in_broker"] += 1
+                else:
                     due.append(job)
             elif job.published_at is None:  # its publish failed
                 due.append(job)
@@ -84,17 +99,41 @@ def _pass(sessions: sessionmaker[Session], celery: Celery, settings: Settings, i
                 missing.append(job)
         if missing:
             due += _confirm_missing(session, celery, missing, inspect)
-        chosen = {job.id for job in due}
-        due += [job for job in _orphaned_here(session, now, settings) if job.id not in chosen]
-        for job in due:
-            try:
-                publish_job(celery, job.id, job.queue, URGENT_PRIORITY)
-            except Exception:
-                log.warning("broker unreachable; will retry", exc_info=True)
-                break
-            mark_published(session, job.id)
-            counts["republished"] += 1
+        counts["republished"] = _publish(session, celery, due)
     return counts
+
+
+def _publish(session: Session, celery: Celery, due: list[Job]) -> int:
+    """Send one urgent message for each job in `due` (ahead of the backlog); how many were sent."""
+    sent = 0
+    for job in due:
+        try:
+            publish_job(celery, job.id, job.queue, URGENT_PRIORITY)
+        except Exception:
+            log.warning("broker unreachable; will retry", exc_info=True)
+            break
+        mark_published(session, job.id)
+        sent += 1
+    return sent
+
+
+def _resend(
+    sessions: sessionmaker[Session],
+    celery: Celery,
+    find: Callable[[Session, datetime, Settings], list[Job]],
+    settings: Settings,
+) -> int:
+    with sessions() as session:
+        return _publish(session, celery, find(session, utcnow(), settings))
+
+
+def sent_since_expiry(job: Job) -> bool:
+    """Whether a message was sent for a running job after its lease ran out. Until one is, whatever the broker
+    holds for it does not help: Celery re-queues a killed process's message at the end of the queue, and a copy
+    sent before the expiry may have reached a worker on another host while the lease still held ("held", and
+    dropped). An expired lease is the evidence that its worker is gone."""
+    published, expires = job.published_at, job.lease_expires_at
+    return published is not None and expires is not None and published >= expires
 
 
 def sent_before_attempt(job: Job) -> bool:

@@ -183,16 +183,24 @@ def test_only_one_reconciler_acts_at_a_time(settings: Settings) -> None:
     assert "busy" not in reconcile_once(sessions, celery, settings, inspect=lambda *_: None)
 
 
-def test_an_expired_job_already_requeued_by_celery_is_not_sent_again(settings: Settings) -> None:
+def test_a_job_whose_lease_expired_gets_one_urgent_copy_whatever_the_broker_holds(settings: Settings) -> None:
+    """An expired lease is the evidence that its worker is gone. A message the broker still holds does not help
+    in time: Celery re-queues a killed process's message at the end of the queue, and a copy sent before the
+    expiry may have reached a worker on another host while the lease still held ("held", and dropped). One
+    urgent copy goes after the expiry, not one a pass."""
     celery = make_celery(settings.model_copy(update={"broker_url": "filesystem://"}))
     sent: list[str] = []
     celery.send_task = lambda name, args, **_: sent.append(args[0])  # type: ignore[method-assign]
-    expired = {"state": JobState.running, "lease_owner": "gone", "lease_expires_at": utcnow() - timedelta(seconds=5)}
-    requeued = queued_jobs(settings, 1, published_ago=30, attempts=1, **expired)
-    orphaned = queued_jobs(settings, 1, published_ago=30, attempts=1, **expired)
+    expired = {"state": JobState.running, "lease_owner": "other-host:1:ns", "attempts": 1}
+    expired |= {"lease_expires_at": utcnow() - timedelta(seconds=0.5), "started_at": utcnow() - timedelta(seconds=9)}
+    requeued = queued_jobs(settings, 1, published_ago=1, **expired)  # at the end of the queue
+    spent = queued_jobs(settings, 1, published_ago=1, **expired)  # its copy was dropped as "held"
     seen = BrokerSnapshot(frozenset(requeued), frozenset())
-    reconcile_once(session_factory(settings.database_url), celery, settings, inspect=lambda *_: seen)
-    assert orphaned[0] in sent and requeued[0] not in sent
+    sessions = session_factory(settings.database_url)
+    reconcile_once(sessions, celery, settings, inspect=lambda *_: seen)
+    assert requeued[0] in sent and spent[0] in sent
+    reconcile_once(sessions, celery, settings, inspect=lambda *_: seen)
+    assert sent.count(requeued[0]) == 1 and sent.count(spent[0]) == 1
 
 
 def _owner_of(pid: int) -> str:
@@ -240,7 +248,8 @@ def test_a_job_whose_worker_died_on_this_host_is_resent_at_once_ahead_of_the_que
     (dead_job,) = queued_jobs(settings, 1, published_ago=1, lease_owner=_owner_of(child.pid), **live)
     (live_job,) = queued_jobs(settings, 1, published_ago=1, lease_owner=current_owner(), **live)
     sessions = session_factory(settings.database_url)
-    reconcile_once(sessions, celery, settings, inspect=lambda *_: None)
+    with reconciler_lock(engine_for(settings.database_url)):  # another host's reconciler holds the global lock
+        assert reconcile_once(sessions, celery, settings, inspect=lambda *_: None) == {"busy": 1, "republished": 1}
     assert (dead_job, URGENT_PRIORITY) in sent and live_job not in [job for job, _ in sent]
     reconcile_once(sessions, celery, settings, inspect=lambda *_: None)  # one urgent copy, not one a pass
     assert [job for job, _ in sent].count(dead_job) == 1
