@@ -62,31 +62,34 @@ def train(client: TestClient, auth: dict[str, str], kind: str, **options: object
 
 def test_train_use_and_leave_the_base_model_as_it_was(client: TestClient, auth: dict[str, str]) -> None:
     # 1. Two trainings make two adapter rows with their files, linked to their jobs.
-    ti_job = train(client, auth, "textual-inversion", learning_rate=0.05, name="star (TI)")
+    ti_job = train(client, auth, "textual-inversion", learning_rate=0.05, name="star (TI)", token="<s2>")
     lora_job = train(client, auth, "lora", learning_rate=0.02, rank=2, alpha=2.0)
     assert ti_job["progress"] == {"step": 4, "total": 4} and ti_job["metrics"]["steps"] == 4
     adapters = {}
     for job, kind in ((ti_job, "textual-inversion"), (lora_job, "lora")):
         adapter = client.get(f"/v1/adapters/{job['result']['adapter_id']}", headers=auth).json()
-        assert adapter["type"] == kind and adapter["job_id"] == job["id"] and adapter["tokens"] == ["<s1>"]
+        token = "<s2>" if kind == "textual-inversion" else "<s1>"
+        assert adapter["type"] == kind and adapter["job_id"] == job["id"] and adapter["tokens"] == [token]
         assert adapter["base_model"] == job["model"] and adapter["training"]["steps"] == 4
         data = client.get(adapter["download_url"], headers=auth).content
         assert len(data) == adapter["files"][0]["size_bytes"]
         adapters[kind] = (adapter, load_safetensors(data))
     assert adapters["textual-inversion"][0]["name"] == "star (TI)"
-    assert list(adapters["textual-inversion"][1]) == ["<s1>"]
+    assert list(adapters["textual-inversion"][1]) == ["<s2>"]
     assert all(key.startswith("unet.") for key in adapters["lora"][1])
     listed = client.get("/v1/adapters", params={"type": "lora"}, headers=auth).json()["data"]
     assert [a["id"] for a in listed] == [adapters["lora"][0]["id"]]
 
-    # 2. A generation with the LoRA, then with the LoRA and the embedding together (different tokens would do too).
+    # 2. A generation with the LoRA, then with the LoRA and the embedding together (one token each: a token names
+    # one concept per job).
     probe = {"prompt": "a <s1> diamond at the center", "steps": 6, "seed": 5}
     with_lora = {**probe, "adapters": [{"id": adapters["lora"][0]["id"], "scale": 1.0}]}
     lora_gen = wait_for(
         client, client.post("/v1/generations/text-to-image", json=with_lora, headers=auth).json()["id"], auth
     )
     assert lora_gen["state"] == "succeeded", lora_gen
-    both = {**probe, "adapters": [{"id": a["id"]} for a, _ in adapters.values()]}
+    both = {**probe, "prompt": "a <s1> <s2> diamond at the center"}
+    both["adapters"] = [{"id": a["id"]} for a, _ in adapters.values()]
     both_gen = wait_for(
         client, client.post("/v1/generations/text-to-image", json=both, headers=auth).json()["id"], auth
     )
