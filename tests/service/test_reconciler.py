@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session
 from store.db import engine_for, session_factory
 from store.jobs import claim, reconciler_lock
 from store.settings import Settings
-from store.tables import Job, JobState, new_id, utcnow
+from store.tables import Job, JobState, utcnow
 from tests.conftest import make_tenant, own_database
+from tests.service.test_store_jobs import new_job
 from worker.broker_state import BrokerSnapshot, run_message_job, snapshot
 from worker.celery_app import URGENT_PRIORITY, make_celery, publish_job
 from worker.owners import current_owner, owner_is_dead
@@ -61,25 +62,9 @@ def quiet_redis(settings: Settings) -> Iterator[redis.Redis]:
 def queued_jobs(settings: Settings, count: int, published_ago: float, **values: Any) -> list[str]:
     """`count` committed queued jobs, published (as far as the database knows) `published_ago` seconds ago."""
     tenant_id, _ = make_tenant(settings)
-    ids = []
+    published = {"published_at": utcnow() - timedelta(seconds=published_ago), "publish_count": 1}
     with session_factory(settings.database_url)() as session:
-        for _ in range(count):
-            job = Job(
-                id=new_id("job"),
-                tenant_id=tenant_id,
-                kind="text-to-image",
-                queue="inference",
-                model="m",
-                params={"prompt": "x"},
-                max_attempts=3,
-                published_at=utcnow() - timedelta(seconds=published_ago),
-                publish_count=1,
-                **values,
-            )
-            session.add(job)
-            ids.append(job.id)
-        session.commit()
-    return ids
+        return [new_job(session, tenant_id, **published, **values).id for _ in range(count)]
 
 
 def publish_counts(settings: Settings, ids: list[str]) -> list[int]:
