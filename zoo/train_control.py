@@ -101,10 +101,11 @@ def unet_extras(
 
 
 def train_controlnet(
-    base: Path, out: Path, work: Path, params: ControlTrainParams, resume: bool
+    base: Path, out: Path, work: Path, params: ControlTrainParams, resume: bool, init: Path | None = None
 ) -> ControlNetModel | T2IAdapter:
     """Train a ControlNet or T2I-Adapter (`params.kind`) for the base model in `base`; save it (diffusers format)
-    to `out`."""
+    to `out`. `init`: a saved control model of the same kind to start from (a warm start, e.g. the bundled one,
+    when a run continues on a machine without its checkpoints) instead of a fresh copy."""
     if params.kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {params.kind!r}")
     # 1. The frozen base and the data: latents of the scenes, their conditions and caption states
@@ -119,7 +120,11 @@ def train_controlnet(
     # 2. The control model, its loop, and a resume
     torch.manual_seed(params.seed)
     unet = frozen.unet
-    controlnet = (controlnet_for if params.kind == "controlnet" else adapter_for)(unet, factor).train()
+    if init is not None:
+        controlnet = (ControlNetModel if params.kind == "controlnet" else T2IAdapter).from_pretrained(str(init)).train()
+        logger.info("warm start from %s", init)
+    else:
+        controlnet = (controlnet_for if params.kind == "controlnet" else adapter_for)(unet, factor).train()
     schedule = Schedule(params.steps, params.lr, params.warmup, params.checkpoint_every)
     loop = AddonLoop(work, schedule, list(controlnet.parameters()), params.seed, 11, logger)
     if resume:
@@ -143,6 +148,13 @@ def train_controlnet(
     controlnet.eval().save_pretrained(str(out), safe_serialization=True)
     # What GET /v1/models shows for it: its condition type and the base model it was trained on.
     notes = {"kind": params.kind, "condition": params.condition, "base_model": base.name, "steps": params.steps}
+    if init is not None:  # the steps count from the model it started from, whatever that one learned
+        prior = json.loads((init / "atelier.json").read_text()) if (init / "atelier.json").exists() else {}
+        before = int(prior.get("steps", 0))
+        notes.update(
+            steps=before + params.steps,
+            warm_start={"condition": prior.get("condition"), "steps_before": before, "steps": params.steps},
+        )
     (out / "atelier.json").write_text(json.dumps(notes, indent=2) + "\n")
     logger.info("saved %s", out)
     return controlnet
@@ -161,6 +173,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--lr", type=float, default=ControlTrainParams.lr)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--init", default=None, help="a saved control model to start from (a warm start)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -174,7 +187,8 @@ def main(argv: list[str]) -> None:
     )
     out = Path(args.out or REPO_ROOT / "zoo" / f"shapes-{args.kind}-{args.condition}")
     work = Path(args.work or REPO_ROOT / "zoo" / "_runs" / f"{args.kind}-{args.condition}")
-    train_controlnet(Path(args.base), out, work, params, args.resume)
+    init = Path(args.init) if args.init else None
+    train_controlnet(Path(args.base), out, work, params, args.resume, init)
 
 
 if __name__ == "__main__":

@@ -182,7 +182,8 @@ def run(ctx: BenchContext) -> GroupResult:
             fidelity = 100.0 * float(
                 np.mean([any(concept.present(o) for o in read_scene(im).objects) for im in fid_images])
             )
-            edit_hits = []
+            edit_hits: list[bool] = []
+            parts: dict[str, list[bool]] = {"concept": [], "cell": [], "colour": []}
             for (_, color, position), image in zip(cases, edit_images, strict=True):
                 seen = read_scene(image).objects
                 edit_hits.append(
@@ -191,7 +192,12 @@ def run(ctx: BenchContext) -> GroupResult:
                         for o in seen
                     )
                 )
+                # Which part fails: the concept, the cell or the colour, each on its own (any object).
+                parts["concept"].append(any(concept.present(o) for o in seen))
+                parts["cell"].append(any(o.position == position for o in seen))
+                parts["colour"].append(color is None or any(o.color == color for o in seen))
             editability = 100.0 * float(np.mean(edit_hits))
+            breakdown = ", ".join(f"{name} {100.0 * float(np.mean(hits)):.0f}%" for name, hits in parts.items())
             loss = output.metrics["final_loss"]
             result.rows += [
                 Row(
@@ -212,9 +218,12 @@ def run(ctx: BenchContext) -> GroupResult:
                     editability >= EDITABILITY_TARGET,
                     ctx.n,
                     per_edit,
-                    note="cell only (the subject's colours are its identity)"
-                    if concept.name.startswith("two")
-                    else "colour and cell cycle; case 0 is 'a blue S* at the top left'",
+                    note=(
+                        "cell only (the subject's colours are its identity)"
+                        if concept.name.startswith("two")
+                        else "colour and cell cycle; case 0 is 'a blue S* at the top left'"
+                    )
+                    + f"; each part alone: {breakdown}",
                 ),
             ]
             figures["fidelity"].append(fidelity)

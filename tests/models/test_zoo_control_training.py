@@ -64,6 +64,24 @@ def test_trains_saves_in_diffusers_format_and_resumes(tmp_path: Path, caplog: py
     assert latest_checkpoint(work).name == "ckpt-0000003.pt"  # type: ignore[union-attr]
 
 
+def test_a_warm_start_continues_from_a_saved_model_of_another_condition(tmp_path: Path) -> None:
+    """`--init`: a run on a machine without the checkpoints starts from the bundled model (here a canny one, for a
+    mask ControlNet); its first step is that model, and its notes count the steps before."""
+    torch.set_num_threads(1)
+    first = tmp_path / "canny"
+    train_controlnet(ZOO_MODEL, first, tmp_path / "w1", ControlTrainParams(steps=2, batch_size=2, n_scenes=8), False)
+    saved = ControlNetModel.from_pretrained(str(first))
+    params = ControlTrainParams(condition="mask", steps=1, batch_size=2, n_scenes=8, lr=0.0)  # lr 0: unchanged
+    out = tmp_path / "mask"
+    train_controlnet(ZOO_MODEL, out, tmp_path / "w2", params, False, init=first)
+    warm = ControlNetModel.from_pretrained(str(out))
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(tensor, warm.state_dict()[name]), name
+    notes = json.loads((out / "atelier.json").read_text())
+    assert notes["condition"] == "mask" and notes["steps"] == 3
+    assert notes["warm_start"] == {"condition": "canny", "steps_before": 2, "steps": 1}
+
+
 def test_trains_a_t2i_adapter_that_loads_in_the_stock_adapter_pipeline(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     params = ControlTrainParams(
