@@ -7,8 +7,9 @@ WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY requirements.lock ./
 # The API needs no torch/diffusers: install the lock without them. It keeps safetensors and numpy, with which
-# api/adapter_files.py checks imported adapters (tests/service/test_deployment_files.py checks this filter).
-RUN grep -viE '^(torch|diffusers|transformers|peft|accelerate|tokenizers|huggingface.hub|nvidia|triton|sympy|networkx|mpmath)[=_ -]' requirements.lock > requirements.api \
+# api/adapter_files.py checks imported adapters, and tokenizers, with which api/text_checks.py counts a prompt's
+# tokens (tests/service/test_deployment_files.py checks this filter).
+RUN grep -viE '^(torch|diffusers|transformers|peft|accelerate|huggingface.hub|nvidia|triton|sympy|networkx|mpmath)[=_ -]' requirements.lock > requirements.api \
  && pip install --no-cache-dir -r requirements.api
 COPY alembic.ini ./
 COPY api ./api
