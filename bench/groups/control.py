@@ -13,6 +13,8 @@ The oracle reads the output:
   and a large blue square"), each object's phrase gets its true box; an object lands when the oracle sees an
   object of its colour whose box has IoU >= 0.5 with it; a case succeeds when every object lands. Baseline: the
   same prompts and seeds without grounding.
+- composition: both ControlNets in one job (canny + mask, each its own condition of the scene), and a ControlNet
+  with a LoRA that learned a held-out shape (the cross) in one job: the layout kept and the concept seen.
 The uncontrolled job on the same prompts and seeds is the baseline of every row, and a scale sweep shows IoU
 rising with the conditioning scale (scale 0 is checked to be the uncontrolled image exactly). The extra time per
 image over the uncontrolled job is measured in the same run for ControlNet and the adapter.
@@ -88,7 +90,10 @@ class Outcome:
 
 
 def run_jobs(
-    ctx: BenchContext, cases: Sequence[Scene], inputs: Sequence[Mapping[str, object]] | None = None
+    ctx: BenchContext,
+    cases: Sequence[Scene],
+    inputs: Sequence[Mapping[str, object]] | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> Outcome:
     """One text-to-image job per case (seed ctx.seed + i) with `inputs[i]` (its controls), read by the oracle."""
     images = []
@@ -96,7 +101,8 @@ def run_jobs(
     for index, scene in enumerate(cases):
         # The prompt names the objects but not where they are: the control has to say it (on zoo v2 the canonical
         # caption alone places 98% of scenes, which would leave nothing for a control to show).
-        params = text_to_image.Params(prompt=positionless_caption(scene), steps=ctx.steps, guidance_scale=GUIDANCE)
+        prompt = prompts[index] if prompts is not None else positionless_caption(scene)
+        params = text_to_image.Params(prompt=prompt, steps=ctx.steps, guidance_scale=GUIDANCE)
         generator = torch.Generator("cpu").manual_seed(ctx.seed + index)
         given = dict(inputs[index]) if inputs is not None else {}
         images += text_to_image.run(ctx.components, params, given, generator=generator).images
@@ -206,6 +212,103 @@ def adapter_rows(
         ),
         Row(NAME, "T2I-Adapter sketch: extra time per image", 100 * extra, "<= 10%", extra <= 0.10, len(cases)),
     ]
+    shown = list(range(min(8, len(cases))))
+    images = [condition_image(cases[i], "sketch") for i in shown] + [out.images[i] for i in shown]
+    images += [plain.images[i] for i in shown]
+    labels = ["sketch"] * len(shown) + [positionless_caption(cases[i]) for i in shown]
+    labels += ["uncontrolled"] * len(shown)
+    result.grids["control_t2i_adapter_sketch"] = grid(images, labels, columns=len(shown))
+
+
+def two_controlnets_rows(
+    ctx: BenchContext, cases: Sequence[Scene], canny: ControlNetModel, mask: ControlNetModel, result: GroupResult
+) -> None:
+    """Both ControlNets in one job, each with its own condition of the same scene, against each alone."""
+    device, dtype = ctx.components.device, ctx.components.dtype
+    conditions = {
+        kind: [condition_tensor(condition_image(s, kind), device, dtype) for s in cases] for kind in ("canny", "mask")
+    }
+    models = {"canny": canny, "mask": mask}
+    alone = {
+        kind: run_jobs(ctx, cases, [{"controls": [Control(models[kind], c)]} for c in conditions[kind]])
+        for kind in models
+    }
+    both = run_jobs(
+        ctx,
+        cases,
+        [
+            {"controls": [Control(canny, a), Control(mask, b)]}
+            for a, b in zip(conditions["canny"], conditions["mask"], strict=True)
+        ],
+    )
+    success = percent([v >= 0.8 for v in both.ious])
+    note = ", ".join(f"{kind} alone {percent([v >= 0.8 for v in out.ious]):.0f}%" for kind, out in alone.items())
+    result.rows.append(
+        Row(
+            NAME,
+            "two ControlNets in one job (canny + mask, scale 1 each): mask IoU >= 0.8",
+            success,
+            "-",
+            None,
+            len(cases),
+            both.seconds_per_image,
+            note=f"{note}; mean IoU {np.mean(both.ious):.2f}",
+        )
+    )
+
+
+def controlnet_lora_rows(ctx: BenchContext, canny: ControlNetModel, result: GroupResult) -> None:
+    """A ControlNet and a LoRA in one job: the LoRA learns a held-out shape (the cross, from 5 images, as the
+    personalization bench trains it); the condition is the edges of a scene with that shape in a random cell and
+    colour; the prompt names only the concept ("a <s1>"). Success: the layout is kept (mask IoU >= 0.7) and the
+    oracle sees the concept. Baselines: the LoRA without the control, the control without the LoRA ("a cross")."""
+    from bench.groups.personalization import CONCEPTS, TOKEN, train_lora, training_images
+    from models.personalization.apply import applied
+    from models.shapes.world import COLORS, POSITIONS
+
+    concept = next(c for c in CONCEPTS if c.name == "cross")
+    components = ctx.components
+    trained = train_lora(components, concept, training_images(concept, ctx.seed), torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(ctx.seed + 77)
+    cases = [
+        Scene((concept.obj(str(rng.choice(list(COLORS))), str(rng.choice(POSITIONS))),), "light")
+        for _ in range(ctx.n)
+    ]
+    conditions = [condition_tensor(condition_image(s, "canny"), components.device, components.dtype) for s in cases]
+    controls = [{"controls": [Control(canny, c)]} for c in conditions]
+    with applied(components, [(trained.adapter, 1.0)]):
+        together = run_jobs(ctx, cases, controls, [f"a {TOKEN}"] * len(cases))
+        lora_only = run_jobs(ctx, cases, None, [f"a {TOKEN}"] * len(cases))
+    control_only = run_jobs(ctx, cases, controls, ["a cross"] * len(cases))
+
+    def rates(out: Outcome) -> tuple[float, float, float]:
+        seen = [any(concept.present(o) for o in read_scene(image).objects) for image in out.images]
+        kept = [v >= 0.7 for v in out.ious]
+        return percent([a and b for a, b in zip(kept, seen, strict=True)]), percent(kept), percent(seen)
+
+    figure, kept, seen = rates(together)
+    lora_rates, control_rates = rates(lora_only), rates(control_only)
+    result.rows.append(
+        Row(
+            NAME,
+            "ControlNet canny + LoRA (a learned cross): layout kept (IoU >= 0.7) and concept seen",
+            figure,
+            "-",
+            None,
+            len(cases),
+            together.seconds_per_image,
+            note=(
+                f"layout kept {kept:.0f}%, concept seen {seen:.0f}%; LoRA alone: layout {lora_rates[1]:.0f}%, "
+                f"concept {lora_rates[2]:.0f}%; ControlNet alone ('a cross'): layout {control_rates[1]:.0f}%, "
+                f"concept {control_rates[2]:.0f}%"
+            ),
+        )
+    )
+    shown = list(range(min(8, len(cases))))
+    images = [condition_image(cases[i], "canny") for i in shown] + [together.images[i] for i in shown]
+    images += [lora_only.images[i] for i in shown]
+    labels = ["edges"] * len(shown) + [f"a {TOKEN} + edges"] * len(shown) + [f"a {TOKEN}, no control"] * len(shown)
+    result.grids["control_controlnet_lora"] = grid(images, labels, columns=len(shown))
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -289,9 +392,11 @@ def run(ctx: BenchContext) -> GroupResult:
             note=note,
         )
     )
+    nets: dict[str, ControlNetModel] = {}
     for kind, name in CONTROLNETS.items():
         model = load(models_dir, name, ctx)
         if isinstance(model, ControlNetModel):
+            nets[kind] = model
             controlnet_rows(ctx, cases, plain, kind, model, result)
         else:
             result.rows.append(
@@ -305,6 +410,10 @@ def run(ctx: BenchContext) -> GroupResult:
                     note=f"not run: no {name} (python zoo/train_control.py --condition {kind})",
                 )
             )
+    if len(nets) == 2:
+        two_controlnets_rows(ctx, cases, nets["canny"], nets["mask"], result)
+    if "canny" in nets:
+        controlnet_lora_rows(ctx, nets["canny"], result)
     adapter = load(models_dir, ADAPTER, ctx)
     if isinstance(adapter, T2IAdapter):
         adapter_rows(ctx, cases, plain, adapter, result)
