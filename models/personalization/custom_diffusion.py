@@ -51,6 +51,7 @@ from models.personalization.concepts import (
 )
 from models.personalization.training import (
     PROMPT_TEMPLATES,
+    MasterWeights,
     TrainingLog,
     added_tokens,
     check_at_least_one,
@@ -58,7 +59,6 @@ from models.personalization.training import (
     concept_loss,
     concept_phrase,
     images_to_latents,
-    optimizer_step,
     train_parameters,
     training_metrics,
 )
@@ -254,7 +254,8 @@ def optimise(
 ) -> TrainingLog:
     """Minimise (AdamW) the sum over concepts of the instance loss plus lambda times the regularisation loss,
     with the modifier tokens added and the K/V processors installed for the loop only."""
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=0.0)
+    master = MasterWeights(trainable)  # float32 masters on a half-precision model
+    optimizer = torch.optim.AdamW(list(master.params.values()), lr=params.learning_rate, weight_decay=0.0)
     scheduler = components.ddim()
     batch = params.batch_size
     with ExitStack() as stack:
@@ -271,10 +272,10 @@ def optimise(
                     prompt = f"a {concept.class_word}"
                     prior = class_loss(components, scheduler, concept.class_latents, prompt, batch, generator)
                     total = total + params.prior_loss_weight * prior.mean()
-            return optimizer_step(optimizer, total)
+            return master.step(optimizer, total)
 
         return train_parameters(
-            trainable,
+            master,
             optimizer,
             step_fn,
             steps=params.steps,

@@ -46,6 +46,7 @@ from models.personalization.concepts import (
     images_list,
 )
 from models.personalization.training import (
+    MasterWeights,
     TrainingLog,
     added_tokens,
     check_at_least_one,
@@ -53,7 +54,6 @@ from models.personalization.training import (
     concept_loss,
     concept_phrase,
     images_to_latents,
-    optimizer_step,
     train_parameters,
     training_metrics,
 )
@@ -189,7 +189,8 @@ def optimise(
 ) -> TrainingLog:
     """Minimise eq. 2 (AdamW) on the trainable copy `train`, with the identifier token added to it: the instance
     loss under "a [V] <class> ..." captions plus, with prior preservation, lambda times the class loss."""
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=0.0)
+    master = MasterWeights(trainable)  # float32 masters on a half-precision model
+    optimizer = torch.optim.AdamW(list(master.params.values()), lr=params.learning_rate, weight_decay=0.0)
     scheduler = train.ddim()
     phrase = concept_phrase(params.token, params.class_word)
     prior_prompt = class_prompt(params)
@@ -200,10 +201,10 @@ def optimise(
             if class_latents is not None:
                 prior_loss = class_loss(train, scheduler, class_latents, prior_prompt, params.batch_size, generator)
                 loss = loss + params.prior_loss_weight * prior_loss.mean()
-            return optimizer_step(optimizer, loss)
+            return master.step(optimizer, loss)
 
         return train_parameters(
-            trainable,
+            master,
             optimizer,
             step_fn,
             steps=params.steps,

@@ -31,12 +31,12 @@ from PIL import Image
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.training import (
+    MasterWeights,
     TrainingLog,
     check_at_least_one,
     concept_loss,
     concept_phrase,
     images_to_latents,
-    optimizer_step,
     train_parameters,
     training_metrics,
 )
@@ -201,10 +201,10 @@ def lora_parameters(components: Components, names: dict[str, str]) -> dict[str, 
 
 
 def initialise(trainable: dict[str, torch.nn.Parameter], generator: torch.Generator) -> None:
-    """Make the LoRA weights trainable fp32 tensors (even when the base runs in fp16) and draw every A again
-    with peft's kaiming-uniform bound from the job's generator, in `trainable`'s order (determinism)."""
+    """Make the LoRA weights trainable (in the base's dtype: `train_lora` keeps float32 masters of them) and draw
+    every A again with peft's kaiming-uniform bound from the job's generator, in `trainable`'s order
+    (determinism)."""
     for key, parameter in trainable.items():
-        parameter.data = parameter.data.float()
         parameter.requires_grad_(True)
         if ".lora_A." in key:
             bound = 1.0 / math.sqrt(parameter.shape[1])
@@ -222,17 +222,19 @@ def train_lora(
     callback: ProgressCallback,
     checkpoints: Checkpoints | None,
 ) -> TrainingLog:
-    """Optimise the latent-diffusion loss over the LoRA weights alone (AdamW), autocast to fp16 on an fp16 base."""
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=1e-2)
+    """Optimise the latent-diffusion loss over the LoRA weights alone (AdamW), with float32 masters of them on a
+    half-precision base (`MasterWeights`)."""
+    master = MasterWeights(trainable)
+    optimizer = torch.optim.AdamW(list(master.params.values()), lr=params.learning_rate, weight_decay=1e-2)
     scheduler = components.ddim()
 
     def step(index: int) -> float:
-        with torch.enable_grad(), torch.autocast(components.device.type, enabled=components.dtype == torch.float16):
+        with torch.enable_grad():
             loss = concept_loss(components, scheduler, latents, concept, params.batch_size, generator).mean()
-        return optimizer_step(optimizer, loss)
+        return master.step(optimizer, loss)
 
     return train_parameters(
-        trainable,
+        master,
         optimizer,
         step,
         steps=params.steps,

@@ -258,11 +258,70 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> floa
     return float(loss.detach())
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+INITIAL_LOSS_SCALE = 2.0**12
+"""float16 gradients underflow below ~6e-8: the loss is multiplied by this before the backward pass (halved after
+every step whose gradients overflow, which is then skipped) and the gradients divided by it again."""
+
+
+class MasterWeights:
+    """Mixed-precision training (Micikevicius et al. 2018) for trainable parameters that live in a half-precision
+    model: the optimizer steps float32 master copies (`params`), the model's own parameters stay in its dtype and
+    receive the masters' values after each step, and the float16 loss is scaled so that its gradients do not
+    underflow. Adam's state is then float32 too: in float16 its epsilon (1e-8) is 0 and its second moment
+    underflows, which turns the first updates into NaN. In a float32 model it changes nothing: `params` are the
+    parameters themselves and `step` is `optimizer_step`."""
+
+    def __init__(self, trainable: dict[str, torch.nn.Parameter]) -> None:
+        self.trainable = trainable
+        self.half = any(parameter.dtype in HALF_DTYPES for parameter in trainable.values())
+        self.params: dict[str, torch.nn.Parameter] = (
+            {name: torch.nn.Parameter(p.detach().float().clone()) for name, p in trainable.items()}
+            if self.half
+            else trainable
+        )
+        fp16 = any(parameter.dtype == torch.float16 for parameter in trainable.values())
+        self.loss_scale = INITIAL_LOSS_SCALE if fp16 else 1.0
+        self.skipped = 0
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+        """One optimizer step on `loss` (over `params`); returns the loss as a float for the log."""
+        if not self.half:
+            return optimizer_step(optimizer, loss)
+        for parameter in self.trainable.values():
+            parameter.grad = None
+        (loss.float() * self.loss_scale).backward()  # type: ignore[no-untyped-call]
+        grads = {name: p.grad for name, p in self.trainable.items() if p.grad is not None}
+        if not all(bool(torch.isfinite(grad).all()) for grad in grads.values()):
+            self.loss_scale /= 2  # overflow: skip this step with a smaller scale next time
+            self.skipped += 1
+            for parameter in self.trainable.values():
+                parameter.grad = None
+            return float(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        for name, grad in grads.items():
+            self.params[name].grad = grad.float() / self.loss_scale
+            self.trainable[name].grad = None
+        optimizer.step()
+        self.sync()
+        return float(loss.detach())
+
+    def sync(self) -> None:
+        """Copy the masters into the model's parameters (after a step, or after a checkpoint restored them)."""
+        if self.half:
+            with torch.no_grad():
+                for name, parameter in self.trainable.items():
+                    parameter.copy_(self.params[name])
+
+
 def parameter_state(
-    trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    restored: Callable[[], None] | None = None,
 ) -> tuple[Callable[[], dict[str, torch.Tensor]], Callable[[dict[str, torch.Tensor]], None]]:
     """`train_loop`'s (get_state, set_state) for the usual case: the trainable tensors by name plus the
-    optimizer's state (`optimizer_tensors`); set_state copies them back in place, onto each tensor's device."""
+    optimizer's state (`optimizer_tensors`); set_state copies them back in place, onto each tensor's device,
+    then calls `restored` (e.g. `MasterWeights.sync`)."""
 
     def get_state() -> dict[str, torch.Tensor]:
         return {**{name: parameter.detach() for name, parameter in trainable.items()}, **optimizer_tensors(optimizer)}
@@ -272,6 +331,8 @@ def parameter_state(
             for name, parameter in trainable.items():
                 parameter.copy_(state[name].to(parameter.device))
         load_optimizer_tensors(optimizer, state)
+        if restored is not None:
+            restored()
 
     return get_state, set_state
 
@@ -362,7 +423,7 @@ def class_loss(
 
 
 def train_parameters(
-    trainable: dict[str, torch.nn.Parameter],
+    trainable: dict[str, torch.nn.Parameter] | MasterWeights,
     optimizer: torch.optim.Optimizer,
     step_fn: Callable[[int], float],
     *,
@@ -372,9 +433,12 @@ def train_parameters(
     callback: ProgressCallback,
     checkpoints: Checkpoints | None,
 ) -> TrainingLog:
-    """`train_loop` over `step_fn` whose checkpoints hold the `trainable` tensors by name and the optimizer's
-    state (`parameter_state`): the loop every personalization method runs."""
-    get_state, set_state = parameter_state(trainable, optimizer)
+    """`train_loop` over `step_fn` whose checkpoints hold the `trainable` tensors by name (a `MasterWeights`'
+    float32 masters) and the optimizer's state (`parameter_state`): the loop every personalization method runs."""
+    if isinstance(trainable, MasterWeights):
+        get_state, set_state = parameter_state(trainable.params, optimizer, trainable.sync)
+    else:
+        get_state, set_state = parameter_state(trainable, optimizer)
     return train_loop(
         steps=steps,
         step_fn=step_fn,
