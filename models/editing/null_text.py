@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from models.common.components import ProgressCallback, no_progress
+from models.common.mixed_precision import MasterWeights
 from models.common.sampling import guided_noise
 
 LEARNING_RATE = 1e-2
@@ -72,20 +73,19 @@ def null_text_inversion(
         model_input = scheduler.scale_model_input(latents, timestep)
         with torch.no_grad():
             noise_cond = unet(model_input, timestep, encoder_hidden_states=cond).sample
-        null = null.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([null], lr=learning_rate(index, len(timesteps)))
+        # phi in the model's dtype for the UNet, with a float32 master for Adam on a half-precision model.
+        phi = torch.nn.Parameter(null.detach().clone())
+        master = MasterWeights({"null": phi})
+        optimizer = torch.optim.Adam(list(master.params.values()), lr=learning_rate(index, len(timesteps)))
         with torch.enable_grad():
             for _ in range(inner_steps):
-                noise_uncond = unet(model_input, timestep, encoder_hidden_states=null).sample
+                noise_uncond = unet(model_input, timestep, encoder_hidden_states=phi).sample
                 noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
                 predicted = scheduler.step(noise, timestep, latents).prev_sample
-                loss = F.mse_loss(predicted, targets[index])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                if loss.item() < EARLY_STOP + EARLY_STOP_PER_STEP * index:
+                loss = F.mse_loss(predicted.float(), targets[index].float())
+                if master.step(optimizer, loss) < EARLY_STOP + EARLY_STOP_PER_STEP * index:
                     break
-        null = null.detach()
+        null = phi.detach()
         embeddings.append(null)
         with torch.no_grad():
             noise = guided_noise(unet, model_input, timestep, cond, null, guidance_scale)

@@ -39,6 +39,7 @@ from safetensors.torch import save as save_safetensors
 
 from models.common.attention import cross_attention_layers, installed
 from models.common.components import Components, MethodOutput, OutputFile, ProgressCallback, no_progress
+from models.common.mixed_precision import MasterWeights
 from models.common.text import check_prompt, encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.concepts import (
@@ -51,7 +52,6 @@ from models.personalization.concepts import (
 )
 from models.personalization.training import (
     PROMPT_TEMPLATES,
-    MasterWeights,
     TrainingLog,
     added_tokens,
     check_at_least_one,

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
+from models.common.mixed_precision import MasterWeights
 from models.common.text import check_prompt
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.concepts import (
@@ -46,7 +47,6 @@ from models.personalization.concepts import (
     images_list,
 )
 from models.personalization.training import (
-    MasterWeights,
     TrainingLog,
     added_tokens,
     check_at_least_one,

@@ -29,9 +29,9 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
+from models.common.mixed_precision import MasterWeights
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.training import (
-    MasterWeights,
     TrainingLog,
     check_at_least_one,
     concept_loss,
