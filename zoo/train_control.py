@@ -146,6 +146,10 @@ def train_controlnet(
 
     # 4. Save in diffusers' format
     controlnet.eval().save_pretrained(str(out), safe_serialization=True)
+    config_path = out / "config.json"  # a warm start's config names the folder it was loaded from: not ours to ship
+    config = json.loads(config_path.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     # What GET /v1/models shows for it: its condition type and the base model it was trained on.
     notes = {"kind": params.kind, "condition": params.condition, "base_model": base.name, "steps": params.steps}
     if init is not None:  # the steps count from the model it started from, whatever that one learned

@@ -80,6 +80,7 @@ def test_a_warm_start_continues_from_a_saved_model_of_another_condition(tmp_path
     notes = json.loads((out / "atelier.json").read_text())
     assert notes["condition"] == "mask" and notes["steps"] == 3
     assert notes["warm_start"] == {"condition": "canny", "steps_before": 2, "steps": 1}
+    assert "_name_or_path" not in json.loads((out / "config.json").read_text())  # no path of this machine
 
 
 def test_trains_a_t2i_adapter_that_loads_in_the_stock_adapter_pipeline(tmp_path: Path) -> None:
