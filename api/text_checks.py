@@ -101,6 +101,6 @@ def check_new_token(model_folder: Path, field: str, token: str) -> None:
     tokenizers = tokenizers_of(model_folder)
     if not tokenizers:
         return
-    vocabulary = tokenizers[0][0].get_vocab()
-    if token in vocabulary or f"{token.lower()}</w>" in vocabulary:
+    tokenizer = tokenizers[0][0]
+    if any(tokenizer.token_to_id(word) is not None for word in (token, f"{token.lower()}</w>")):
         raise invalid(field, f"{token!r} is already a word of the model; choose a new one, e.g. '<s1>'")

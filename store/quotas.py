@@ -44,8 +44,8 @@ def limits_for(tenant: Tenant | None, settings: Settings) -> Limits:
         submissions_per_minute=settings.tenant_submissions_per_minute,
         max_job_cost=settings.max_job_cost,
     )
-    overrides: dict[str, Any] = {k: v for k, v in ((tenant.limits if tenant else None) or {}).items() if v is not None}
-    return replace(limits, **{k: v for k, v in overrides.items() if k in LIMIT_NAMES})
+    overrides: dict[str, Any] = (tenant.limits if tenant else None) or {}
+    return replace(limits, **{k: v for k, v in overrides.items() if k in LIMIT_NAMES and v is not None})
 
 
 def active_jobs(session: Session, tenant_id: str) -> int:

@@ -54,7 +54,8 @@ def reconcile_once(
     # This host's dead processes are known only here: their jobs must not wait for the global lock's holder.
     with reconciler_lock(engine, scope=host_prefix()) as mine_here:
         if mine_here:
-            orphans = _resend(sessions, celery, _orphaned_here, settings)
+            with sessions() as session:
+                orphans = _publish(session, celery, _orphaned_here(session, utcnow(), settings))
             if orphans:
                 counts["republished"] = counts.get("republished", 0) + orphans
     if any(value for key, value in counts.items() if key != "busy"):
@@ -115,16 +116,6 @@ def _publish(session: Session, celery: Celery, due: list[Job]) -> int:
         mark_published(session, job.id)
         sent += 1
     return sent
-
-
-def _resend(
-    sessions: sessionmaker[Session],
-    celery: Celery,
-    find: Callable[[Session, datetime, Settings], list[Job]],
-    settings: Settings,
-) -> int:
-    with sessions() as session:
-        return _publish(session, celery, find(session, utcnow(), settings))
 
 
 def sent_since_expiry(job: Job) -> bool:
