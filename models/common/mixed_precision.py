@@ -11,13 +11,21 @@ INITIAL_LOSS_SCALE = 2.0**12
 every step whose gradients overflow, which is then skipped) and the gradients divided by it again."""
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One step of `optimizer` on `loss` (gradients cleared first); returns the loss as a float for the log."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    return float(loss.detach())
+
+
 class MasterWeights:
     """Mixed-precision training (Micikevicius et al. 2018) for trainable parameters that live in a half-precision
     model: the optimizer steps float32 master copies (`params`), the model's own parameters stay in its dtype and
     receive the masters' values after each step, and the float16 loss is scaled so that its gradients do not
     underflow. Adam's state is then float32 too: in float16 its epsilon (1e-8) is 0 and its second moment
     underflows, which turns the first updates into NaN. In a float32 model it changes nothing: `params` are the
-    parameters themselves and `step` is a plain optimizer step."""
+    parameters themselves and `step` is `optimizer_step`."""
 
     def __init__(self, trainable: dict[str, torch.nn.Parameter]) -> None:
         self.trainable = trainable
@@ -29,22 +37,17 @@ class MasterWeights:
         )
         fp16 = any(parameter.dtype == torch.float16 for parameter in trainable.values())
         self.loss_scale = INITIAL_LOSS_SCALE if fp16 else 1.0
-        self.skipped = 0
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
         """One optimizer step on `loss` (over `params`); returns the loss as a float for the log."""
         if not self.half:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            return float(loss.detach())
+            return optimizer_step(optimizer, loss)
         for parameter in self.trainable.values():
             parameter.grad = None
         (loss.float() * self.loss_scale).backward()  # type: ignore[no-untyped-call]
         grads = {name: p.grad for name, p in self.trainable.items() if p.grad is not None}
         if not all(bool(torch.isfinite(grad).all()) for grad in grads.values()):
             self.loss_scale /= 2  # overflow: skip this step with a smaller scale next time
-            self.skipped += 1
             for parameter in self.trainable.values():
                 parameter.grad = None
             return float(loss.detach())

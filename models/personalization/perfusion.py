@@ -39,6 +39,7 @@ from PIL import Image
 
 from models.common.attention import attention_input, attention_output, cross_attention_layers, installed, split_heads
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
+from models.common.mixed_precision import optimizer_step
 from models.common.text import check_prompt, encode_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.concepts import TOKEN_EMBEDDINGS_KEY, check_concept, identifier_vectors, images_list
@@ -49,7 +50,6 @@ from models.personalization.training import (
     check_at_least_one,
     concept_loss,
     images_to_latents,
-    optimizer_step,
     train_parameters,
     training_metrics,
 )

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
+from models.common.mixed_precision import optimizer_step
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.training import (
     TrainingLog,
@@ -31,7 +32,6 @@ from models.personalization.training import (
     concept_phrase,
     images_to_latents,
     is_known_word,
-    optimizer_step,
     token_vectors,
     train_parameters,
     training_metrics,

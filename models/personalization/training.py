@@ -251,14 +251,6 @@ def pick(count: int, batch: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, count, (batch,), generator=generator)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-    """One step of `optimizer` on `loss` (gradients cleared first); returns the loss as a float for the log."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[no-untyped-call]
-    optimizer.step()
-    return float(loss.detach())
-
-
 def parameter_state(
     trainable: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
