@@ -1,6 +1,7 @@
 """What the zoo's add-on trainers share (`train_control.py`: ControlNet, T2I-Adapter; `train_gligen.py`): a frozen
 base model with its captions encoded once, noised latents, and the loop's bookkeeping (learning-rate schedule,
-clipped step, log lines, checkpoints with the random state, resume)."""
+clipped step, an optional exponential moving average of the weights, log lines, checkpoints with the random state,
+resume)."""
 
 from __future__ import annotations
 
@@ -66,11 +67,17 @@ class Schedule:
     lr: float
     warmup: int
     checkpoint_every: int
+    ema_decay: float = 0.0  # 0: no moving average; else the saved model is the average (see AddonLoop)
 
 
 class AddonLoop:
     """One trainer's loop state: the optimizer over `trainable`, the random streams, the schedule; `resume` restores
-    them from the last checkpoint in `work`, `step` takes one optimizer step and logs and checkpoints."""
+    them from the last checkpoint in `work`, `step` takes one optimizer step and logs and checkpoints.
+
+    With `schedule.ema_decay` d > 0 it also keeps an exponential moving average of the trainable weights
+    (ema <- d * ema + (1 - d) * weights after every step, checkpointed with the rest); `use_average` copies it into
+    the weights before the model is saved. The average smooths the last steps' noise out of the weights, as the
+    base models' training does (Stable Diffusion keeps an EMA of its UNet)."""
 
     def __init__(
         self,
@@ -87,6 +94,7 @@ class AddonLoop:
         self.numpy_rng = np.random.default_rng([seed, stream])
         self.alpha_bar = alphas_cumprod()
         self.start = 0
+        self.average = [p.detach().clone() for p in self.trainable] if schedule.ema_decay > 0 else None
         self._tick, self._running = time.monotonic(), 0.0
 
     def resume(self, model: torch.nn.Module, key: str) -> None:
@@ -97,6 +105,11 @@ class AddonLoop:
         state = load_checkpoint(checkpoint)
         model.load_state_dict(state[key])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.average is not None:
+            if "ema" not in state:
+                raise RuntimeError(f"{checkpoint} has no moving average; resume without --ema or start a new run")
+            for average, saved in zip(self.average, state["ema"], strict=True):
+                average.copy_(saved)
         restore_rng(state["rng"], self.numpy_rng, self.generator)
         self.start = state["step"]
         self.logger.info("resumed from %s at step %d", checkpoint, self.start)
@@ -118,6 +131,9 @@ class AddonLoop:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.optimizer.step()
+        if self.average is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.average, [p.detach() for p in self.trainable], 1.0 - schedule.ema_decay)
         self._running += loss.item()
         done = step + 1
         if done % 50 == 0:
@@ -125,4 +141,12 @@ class AddonLoop:
             self._running = 0.0
         if done % schedule.checkpoint_every == 0 or done == schedule.steps:
             rng = rng_state(self.numpy_rng, self.generator)
-            save_checkpoint(self.work, done, {**state(), "optimizer": self.optimizer.state_dict(), "rng": rng})
+            extra = {} if self.average is None else {"ema": self.average}
+            save_checkpoint(self.work, done, {**state(), "optimizer": self.optimizer.state_dict(), "rng": rng, **extra})
+
+    def use_average(self) -> None:
+        """Copy the moving average into the trainable weights (no-op without one); call it once, before saving."""
+        if self.average is not None:
+            with torch.no_grad():
+                for parameter, average in zip(self.trainable, self.average, strict=True):
+                    parameter.copy_(average)

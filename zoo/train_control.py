@@ -55,6 +55,7 @@ class ControlTrainParams:
     n_scenes: int = 8000
     seed: int = 0
     checkpoint_every: int = 250
+    ema_decay: float = 0.0  # > 0: save the moving average of the weights (AddonLoop)
 
 
 def render_conditioned(n_scenes: int, seed: int, condition: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -125,7 +126,7 @@ def train_controlnet(
         logger.info("warm start from %s", init)
     else:
         controlnet = (controlnet_for if params.kind == "controlnet" else adapter_for)(unet, factor).train()
-    schedule = Schedule(params.steps, params.lr, params.warmup, params.checkpoint_every)
+    schedule = Schedule(params.steps, params.lr, params.warmup, params.checkpoint_every, params.ema_decay)
     loop = AddonLoop(work, schedule, list(controlnet.parameters()), params.seed, 11, logger)
     if resume:
         loop.resume(controlnet, "controlnet")
@@ -144,14 +145,19 @@ def train_controlnet(
         loss = (prediction - noise).pow(2).mean()
         loop.step(step, loss, lambda: {"controlnet": controlnet.state_dict()})
 
-    # 4. Save in diffusers' format
+    # 4. Save in diffusers' format (the moving average, when one was kept)
+    loop.use_average()
     controlnet.eval().save_pretrained(str(out), safe_serialization=True)
     config_path = out / "config.json"  # a warm start's config names the folder it was loaded from: not ours to ship
     config = json.loads(config_path.read_text())
     if config.pop("_name_or_path", None) is not None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     # What GET /v1/models shows for it: its condition type and the base model it was trained on.
-    notes = {"kind": params.kind, "condition": params.condition, "base_model": base.name, "steps": params.steps}
+    notes: dict[str, object] = {
+        "kind": params.kind, "condition": params.condition, "base_model": base.name, "steps": params.steps
+    }
+    if params.ema_decay:
+        notes["ema_decay"] = params.ema_decay
     if init is not None:  # the steps count from the model it started from, whatever that one learned
         prior = json.loads((init / "atelier.json").read_text()) if (init / "atelier.json").exists() else {}
         before = int(prior.get("steps", 0))
@@ -175,6 +181,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=ControlTrainParams.batch_size)
     parser.add_argument("--n-scenes", type=int, default=ControlTrainParams.n_scenes)
     parser.add_argument("--lr", type=float, default=ControlTrainParams.lr)
+    parser.add_argument("--ema", type=float, default=0.0, help="moving-average decay of the saved weights (0: none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init", default=None, help="a saved control model to start from (a warm start)")
@@ -188,6 +195,7 @@ def main(argv: list[str]) -> None:
         batch_size=args.batch_size,
         n_scenes=args.n_scenes,
         lr=args.lr,
+        ema_decay=args.ema,
     )
     out = Path(args.out or REPO_ROOT / "zoo" / f"shapes-{args.kind}-{args.condition}")
     work = Path(args.work or REPO_ROOT / "zoo" / "_runs" / f"{args.kind}-{args.condition}")
