@@ -22,7 +22,7 @@ from store.tenants import create_tenant, tenant_for_key
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer atl_…`")
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:  # async: no thread hop for a dictionary read
     settings: Settings = request.app.state.settings
     return settings
 
@@ -41,7 +41,7 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_artifacts(request: Request) -> ArtifactStore:
+async def get_artifacts(request: Request) -> ArtifactStore:
     store: ArtifactStore = request.app.state.artifacts
     return store
 

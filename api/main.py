@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import fastapi_offline
 from fastapi import FastAPI
@@ -87,6 +86,37 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class RequestMetrics:
+    """Count requests by method, route and status, and time them by route (Prometheus), as plain ASGI: Starlette's
+    `@app.middleware("http")` runs every request through a task group and a streamed copy of the response, which
+    cost more than a status poll itself."""
+
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+        self.app = app
+        self.requests = requests
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the server answers when the app raises before starting a response
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.labels(scope["method"], path, str(status)).inc()
+            self.latency.labels(path).observe(time.perf_counter() - started)
+
+
 class _TooLarge(StarletteHTTPException):
     """Raised from `receive` once a body without Content-Length (chunked) passes the limit. An HTTPException, so
     FastAPI's body parsing passes it on as it is (any other error there becomes a 400) and it answers 413."""
@@ -135,15 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # _TooLarge straight into FastAPI (through count_requests' receive it would arrive in an ExceptionGroup, a 400).
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)  # type: ignore[arg-type]
 
-    @app.middleware("http")
-    async def count_requests(request: Any, call_next: Any) -> Any:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        requests.labels(request.method, path, str(response.status_code)).inc()
-        latency.labels(path).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestMetrics, requests=requests, latency=latency)  # type: ignore[arg-type]
 
     app.mount("/static/swagger", StaticFiles(directory=SWAGGER_ASSETS), name="swagger")
 

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
+from sqlalchemy import Row
 
 from contract.adapters import AdapterType
 from store.tables import Job
@@ -34,7 +35,7 @@ class JobAdapter(BaseModel):
     type: AdapterType
 
 
-def request_params(job: Job) -> dict[str, Any]:
+def request_params(job: Job | Row[Any]) -> dict[str, Any]:
     """The job's request body again: the method's params with the job options that were given."""
     params: dict[str, Any] = {**job.params, "seed": job.seed}
     if job.adapters:
@@ -82,7 +83,8 @@ class JobOut(BaseModel):
     run_seconds: float | None = Field(description="From the (last) start to the terminal state.")
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job | Row[Any]) -> JobOut:
+        """From the job's row: the ORM object, or a Core row with the job's columns (`store.jobs.job_for_key`)."""
         queued = (job.started_at - job.created_at).total_seconds() if job.started_at else None
         ran = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
         return cls(

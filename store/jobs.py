@@ -17,10 +17,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Engine, and_, func, or_, select, text, update
+from sqlalchemy import Connection, Engine, Row, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session, aliased
 
-from store.tables import TERMINAL_STATES, Job, JobState, utcnow
+from store.tables import TERMINAL_STATES, ApiKey, Job, JobState, utcnow
 
 ClaimReason = Literal["claimed", "not_found", "terminal", "held", "exhausted", "deferred"]
 """claimed: this worker runs it; not_found; terminal: it already ended; held: another worker's live lease;
@@ -366,3 +366,19 @@ def list_jobs(
     rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], next_cursor
+
+
+def job_for_key(connection: Connection, key_hash: str, job_id: str) -> tuple[bool, Row[Any] | None]:
+    """A status poll's whole database work in one statement, without the ORM: (whether `key_hash` is a live key,
+    the job `job_id` as a row if it belongs to that key's tenant, else None). The row has the job's columns as
+    attributes (what `JobOut.of` reads)."""
+    jobs = Job.__table__
+    mine = and_(jobs.c.id == job_id, jobs.c.tenant_id == ApiKey.tenant_id)
+    row = connection.execute(
+        select(ApiKey.id.label("key_id"), jobs)
+        .select_from(ApiKey.__table__.outerjoin(jobs, mine))
+        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+    ).one_or_none()
+    if row is None:
+        return False, None
+    return True, (row if row.id is not None else None)
