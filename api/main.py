@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import fastapi_offline
@@ -18,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import errors
 from api.routes import adapters, admin, catalog, files, health, jobs
 from store.artifacts import artifact_store
+from store.job_ends import JobEnds
 from store.settings import Settings, get_settings
 from worker.celery_app import make_celery
 
@@ -125,11 +128,18 @@ class _TooLarge(StarletteHTTPException):
         super().__init__(413, "request body exceeds the size limit")
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    await app.state.job_ends.close()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (default: from the environment)."""
     settings = settings or get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = FastAPI(
+        lifespan=_lifespan,
         title="Atelier",
         version="1.0.0",
         description=DESCRIPTION,
@@ -152,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.artifacts = artifact_store(settings)
     app.state.celery = make_celery(settings)
+    app.state.job_ends = JobEnds(settings.broker_url)
     registry = CollectorRegistry()
     app.state.metrics_registry = registry
     requests = Counter("atelier_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)

@@ -11,6 +11,7 @@ from celery import signals
 from contract.webhook_targets import Allowlist, TargetRefused
 from store.artifacts import artifact_store
 from store.db import session_factory
+from store.job_ends import announce_end
 from store.jobs import mark_published
 from store.migrate import upgrade
 from store.settings import get_settings
@@ -76,6 +77,8 @@ def _requeue(job_id: str) -> None:
 
 
 def _notify(job_id: str) -> None:
+    """After a job's terminal write: wake the API requests waiting on it, then send its webhook if it has one."""
+    announce_end(get_settings().broker_url, job_id)
     with session_factory(get_settings().database_url)() as session:
         job = session.get(Job, job_id)
         if job is not None and job.callback_url and job.webhook_delivered_at is None:

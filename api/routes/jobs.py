@@ -92,11 +92,42 @@ def _load(session: SessionDep, tenant_id: str, job_id: str) -> Job:
     return job
 
 
+MAX_WAIT_SECONDS = 30.0
+RECHECK_SECONDS = 1.0
+"""A waiting request re-reads the job at least this often, whatever it hears (store/job_ends.py)."""
+
+
 @router.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses=error_responses(404))
-async def get_job(job_id: str, request: Request, credentials: Credentials) -> JobOut:
-    """A job's state, progress, timings, error and outputs."""
+async def get_job(
+    job_id: str,
+    request: Request,
+    credentials: Credentials,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            description="Seconds to hold the request while the job is not finished: the answer comes as soon as it "
+            "succeeds, fails or is canceled, or when the wait is over (the job as it is then). 0: answer at once.",
+        ),
+    ] = 0.0,
+) -> JobOut:
+    """A job's state, progress, timings, error and outputs; with `wait`, when it ends (a long poll)."""
     settings: Settings = request.app.state.settings
-    return await run_in_threadpool(_poll, settings, credentials, job_id)
+    job = await run_in_threadpool(_poll, settings, credentials, job_id)
+    if wait <= 0 or job.state in TERMINAL_STATES:
+        return job
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    async with request.app.state.job_ends.watching(job_id) as ended:
+        while job.state not in TERMINAL_STATES and (left := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(ended.wait(), min(left, RECHECK_SECONDS))
+            except TimeoutError:
+                pass
+            ended.clear()
+            job = await run_in_threadpool(_poll, settings, credentials, job_id)
+    return job
 
 
 def _poll(settings: Settings, credentials: HTTPAuthorizationCredentials | None, job_id: str) -> JobOut:
