@@ -16,17 +16,11 @@
 3. At the model's native 64 px: recolour the first object inside its mask, dense and sparse. The oracle
    says whether the object took the new colour in its cell; the outside of the dilated mask is checked
    to be exactly the input's.
-4. Follow-up edits (issue 15): ten successive region edits of one 256 px image, each with another 10%
-   square mask (random positions), same prompt and seed, run three ways, interleaved per edit: dense,
-   sparse without the activation cache, sparse with one cache for the ten (the first a miss, the others
-   hits that skip the record pass). The figure: the ten cached jobs' wall seconds over the ten dense
-   jobs'; every cached output must equal the uncached sparse one bit for bit. The plot: cumulative
-   seconds over the ten edits.
+The follow-up edits with the activation cache are the group `sparse_cache` (bench/groups/sparse_cache.py).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import statistics
 import time
@@ -37,7 +31,6 @@ import torch
 from PIL import Image
 
 from bench.harness import BenchContext, GroupResult, Row, grid, scenes
-from models.common.activation_cache import ActivationCache, CacheHandle
 from models.common.components import Components, MethodOutput
 from models.common.latents import encode, images_to_tensor, randn
 from models.common.sampling import guided_noise, start_timesteps
@@ -53,8 +46,6 @@ TIMING_SIZE = 256  # px -> 64x64 latents with the zoo VAE (factor 4)
 STRENGTH = 0.6
 RECOLOUR_STRENGTH = 0.8
 ROUNDS = 3
-FOLLOW_UPS = 10  # successive edits of one image in measure 4
-CACHE_BUDGET = 8 * 1024**3  # bytes: one recording at 256 px is about 56 MB per step
 
 
 @dataclass(frozen=True)
@@ -150,7 +141,6 @@ def run(ctx: BenchContext) -> GroupResult:
     result = GroupResult()
     speed(ctx, result)
     native(ctx, result)
-    follow_ups(ctx, result)
     return result
 
 
@@ -271,101 +261,3 @@ def follow_up_masks(count: int, fraction: float, size: int, seed: int) -> list[I
         pixels[y0 : y0 + side, x0 : x0 + side] = 255
         masks.append(Image.fromarray(pixels))
     return masks
-
-
-def follow_ups(ctx: BenchContext, result: GroupResult) -> None:
-    """Measure 4: ten edits of one image with different 10% masks, dense vs sparse vs sparse with the cache."""
-    scene = scenes("test", 1, ctx.seed + 80, None)[0]
-    image = Image.fromarray(render(scene, TIMING_SIZE).image)
-    prompt = caption(recoloured(scene))
-    cache = ActivationCache(CACHE_BUDGET)
-    ways = ("dense", "sparse", "cached")
-    seconds: dict[str, list[float]] = {way: [] for way in ways}
-    unet: dict[str, float] = dict.fromkeys(ways, 0.0)
-    statuses: list[str] = []
-    identical: list[bool] = []
-    for mask in follow_up_masks(FOLLOW_UPS, 0.10, TIMING_SIZE, ctx.seed + 81):
-        outputs: dict[str, MethodOutput] = {}
-        for way in ways:  # interleaved, so a swing in the machine's load hits the three alike
-            inputs: dict[str, object] = {"image": image, "mask": mask}
-            if way == "cached":
-                inputs["activation_cache"] = CacheHandle(cache, "zoo")
-            job = region_edit.Params(prompt=prompt, strength=STRENGTH, steps=ctx.steps, sparse=way != "dense")
-            started = time.perf_counter()
-            outputs[way] = region_edit.run(
-                ctx.components, job, inputs, generator=torch.Generator().manual_seed(ctx.seed)
-            )
-            seconds[way].append(time.perf_counter() - started)
-            metrics = outputs[way].metrics
-            unet[way] += float(metrics["unet_seconds"]) + float(metrics["unet_record_seconds"])
-        statuses.append(str(outputs["cached"].metrics["activation_cache"]))
-        identical.append(
-            np.array_equal(np.asarray(outputs["cached"].images[0]), np.asarray(outputs["sparse"].images[0]))
-        )
-    total = {way: sum(seconds[way]) for way in ways}
-    ratio = total["cached"] / total["dense"]
-    same = 100.0 * float(np.mean(identical))
-    entry_mb = float(outputs["cached"].metrics["activation_bytes"]) / 1e6
-    hits = statuses.count("hit")
-    note = (
-        f"uncached sparse / dense {total['sparse'] / total['dense']:.2f}; UNet seconds cached / dense "
-        f"{unet['cached'] / unet['dense']:.2f}; {hits} hits, {statuses.count('miss')} miss; {ctx.steps} steps at "
-        f"strength {STRENGTH}; one recording {entry_mb:.0f} MB"
-    )
-    result.rows.append(
-        Row(
-            NAME,
-            f"{FOLLOW_UPS} edits of one image, 10% masks, 256 px: total time cached sparse / dense",
-            ratio,
-            "<= 0.35",
-            ratio <= 0.35,
-            FOLLOW_UPS,
-            total["cached"] / FOLLOW_UPS,
-            "x",
-            note,
-        )
-    )
-    result.rows.append(
-        Row(
-            NAME,
-            "cached sparse outputs identical to the uncached sparse ones",
-            same,
-            "100",
-            same == 100.0,
-            FOLLOW_UPS,
-        )
-    )
-    result.extra["follow_ups"] = {
-        "seconds": seconds,
-        "total_seconds": total,
-        "unet_seconds": unet,
-        "ratio_cached_dense": ratio,
-        "ratio_sparse_dense": total["sparse"] / total["dense"],
-        "statuses": statuses,
-        "identical": identical,
-        "recording_bytes": int(outputs["cached"].metrics["activation_bytes"]),
-        "steps": ctx.steps,
-    }
-    result.grids["region_edit_cache_cumulative"] = cumulative_plot(seconds)
-
-
-def cumulative_plot(seconds: dict[str, list[float]]) -> Image.Image:
-    """Cumulative wall seconds against the number of edits done, one line per way of running them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = {"dense": "dense", "sparse": "sparse, no cache", "cached": "sparse, activation cache"}
-    figure, axis = plt.subplots(figsize=(5, 3.4), dpi=100)
-    for way, values in seconds.items():
-        axis.plot(range(1, len(values) + 1), np.cumsum(values), marker="o", label=labels[way])
-    axis.set_xlabel("edits of the same image (each another 10% mask)")
-    axis.set_ylabel("cumulative seconds")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")

@@ -469,11 +469,11 @@ def _wrap(module: nn.Module, engine: SparseEngine) -> nn.Module | None:
 
 @contextmanager
 def sparse_inference(
-    unet: UNet2DConditionModel, mask: torch.Tensor, tile: int = 2, dilation: int = 1
+    unet: UNet2DConditionModel, mask: torch.Tensor, tile: int = 4, dilation: int = 1
 ) -> Iterator[SparseEngine]:
     """Install the sparse engine on `unet` for the duration of the block; the model is restored after.
 
-    mask: (h, w) bool at the latent resolution (True = edited); tile: block side in feature-map cells (2: see
+    mask: (h, w) bool at the latent resolution (True = edited); tile: block side in feature-map cells (see
     `region_edit.Params.tile`);
     dilation: cells added around the mask at every resolution before rounding up to tiles.
     Usage per denoising step: `engine.set_mode("record")`, the UNet on the original's latent, then

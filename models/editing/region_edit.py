@@ -24,12 +24,13 @@ records as above and stores a copy when it ends, if the recording fits the budge
 same image with another mask, by the same worker process, is then only the sparse pass
 (docs/sparse-cache.md).
 
-The block side (`tile`) trades speed for closeness to the dense result: smaller blocks recompute fewer cells but
-each gathers its halo again, and the margin around the region shrinks with the rounding. On the zoo model at 64x64
-latents with a 10% mask (one CPU thread) a UNet sparse pass costs 0.23 of a dense one with blocks of 4, 0.22 with
-blocks of 2, 0.23 with 1; on a single UNet call of an SD-like UNet the error inside the mask is 0.07-0.09 of the
-edit's own effect with blocks of 4, 0.11-0.15 with 2, 0.23-0.28 with 1 (`tests/models/test_sparse.py`). 2 is the
-default.
+The block side (`tile`, of the convolutions' work; attention and feed-forward recompute the active cells only)
+trades speed for closeness to the dense result: smaller blocks recompute fewer cells but each gathers its halo again,
+and CPU convolutions on small blocks run poorly. A UNet sparse pass at a 10% mask (one CPU thread) costs, with blocks
+of 4 / 2 / 1: 0.23 / 0.22 / 0.23 of a dense pass on the zoo model at 64x64 latents, 0.45 / 0.62 / 0.85 on an SD
+1.5-shaped UNet at 32x32 latents; on a single UNet call of an SD-like UNet the error inside the mask is 0.07-0.09 of
+the edit's own effect with blocks of 4, 0.11-0.15 with 2, 0.23-0.28 with 1 (`tests/models/test_sparse.py`). 4 is
+the default.
 
 Implemented: the mask is white = edit (luminance > 127), a latent cell is edited when any of its pixels
 is, dilated by `dilation` cells; DDIM, classifier-free guidance; with `sparse=False`, the controls of
@@ -74,7 +75,7 @@ class Params:
     negative_prompt: str = ""
     sparse: bool = True
     dilation: int = 1  # latent cells added around the mask: the edited region
-    tile: int = 2  # SIGE block side, in feature-map cells (see below)
+    tile: int = 4  # SIGE block side, in feature-map cells (see below)
     sparse_margin: int = 1  # cells added around the region at every UNet resolution before tiling (SIGE)
 
 

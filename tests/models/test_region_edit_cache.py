@@ -89,6 +89,22 @@ def test_a_second_edit_with_another_mask_is_a_hit_equal_to_the_uncached_run(comp
     assert same(again, first) and same(first, edit(components, None, corner=0))
 
 
+def test_a_hit_skips_the_vae_encoding_of_the_original(
+    components: Components, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entry keeps the original's latent with its recording: a hit encodes nothing, a miss encodes once."""
+    cache = ActivationCache(1 << 30)
+    calls: list[int] = []
+    encode = components.vae.encode
+    monkeypatch.setattr(components.vae, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    edit(components, cache, corner=0)
+    assert len(calls) == 1
+    hit = edit(components, cache, corner=3)
+    assert hit.metrics["activation_cache"] == "hit" and len(calls) == 1
+    monkeypatch.undo()
+    assert same(hit, edit(components, None, corner=3))
+
+
 def test_tile_margin_and_dilation_are_not_in_the_key(components: Components) -> None:
     """The record pass is dense and keeps whole layer outputs: the tiling settings do not change it."""
     cache = ActivationCache(1 << 30)

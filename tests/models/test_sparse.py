@@ -131,8 +131,8 @@ def test_sparse_pass_on_the_original_reproduces_the_dense_pass(unet: UNet2DCondi
 
 def test_sparse_unet_approximates_the_dense_edit(unet: UNet2DConditionModel) -> None:
     """Inside the mask the sparse eps is within a fifth of the edit's own effect of the dense eps (measured at
-    16x16 with one cell of margin per resolution and the default blocks of 2: 0.02-0.06 of it for the zoo UNet,
-    0.11-0.15 for the SD-like one; with blocks of 4 0.02-0.06 and 0.07-0.09; without the margin 0.3-0.5); outside
+    16x16 with one cell of margin per resolution and the default blocks of 4: 0.02-0.06 of it for the zoo UNet,
+    0.07-0.09 for the SD-like one; with blocks of 2 0.02-0.06 and 0.11-0.15; without the margin 0.3-0.5); outside
     the active tiles it is the original's eps exactly (SIGE's approximation keeps every inactive activation)."""
     for seed in range(2):
         original, edited, text, mask = inputs(unet, seed=seed)
