@@ -24,6 +24,7 @@ from contract.spec import MethodSpec
 from store.artifacts import ArtifactStore
 from store.files import get_file, store_input
 from store.jobs import mark_unpublished
+from store.recordings import route_for
 from store.settings import Settings
 from store.tables import Job, Tenant, new_id, utcnow
 from worker.celery_app import publish_job
@@ -115,7 +116,7 @@ def create_job(
                 return existing, False
         raise
     # 4. Publish after commit; if the broker is down, the reconciler publishes it later.
-    _publish(celery, session, job)
+    _publish(celery, session, job, settings.broker_url)
     return job, True
 
 
@@ -271,9 +272,11 @@ def _store_inline_images(
     return ids
 
 
-def _publish(celery: Celery, session: Session, job: Job) -> None:
+def _publish(celery: Celery, session: Session, job: Job, broker_url: str) -> None:
     try:
-        publish_job(celery, job.id, job.queue)
+        # A follow-up region edit goes to the free worker holding the image's recording, when there is one.
+        node = route_for(session, broker_url, job)
+        publish_job(celery, job.id, job.queue, node=node)
     except Exception:
         log.warning("could not publish job %s now; the reconciler will", job.id, exc_info=True)
         mark_unpublished(session, job.id)

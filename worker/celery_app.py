@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.utils.nodenames import worker_direct
 from kombu import Queue
 
 from store.settings import Settings, get_settings
@@ -53,6 +54,9 @@ def make_celery(settings: Settings) -> Celery:
         # A pool child loads torch and the default model at start (worker.tasks._warm_up).
         worker_proc_alive_timeout=120,
         task_queues=[Queue(name) for name in QUEUES],
+        # Each worker also consumes a queue of its own, where the API sends a follow-up region edit of an image
+        # whose recording that worker holds (store/recordings.py).
+        worker_direct=True,
         task_default_queue="inference",
         task_soft_time_limit=settings.job_soft_time_limit,
         task_time_limit=settings.job_hard_time_limit,
@@ -74,9 +78,13 @@ the reconciler re-sends (a job whose worker died, a message the broker lost) at 
 backlog, since it was submitted before it."""
 
 
-def publish_job(app: Celery, job_id: str, queue: str, priority: int = NORMAL_PRIORITY) -> None:
-    """Send the run message for a committed job row (raises if the broker is unreachable)."""
-    app.send_task(RUN_JOB, args=[job_id], queue=queue, priority=priority, retry=True, retry_policy={"max_retries": 2})
+def publish_job(
+    app: Celery, job_id: str, queue: str, priority: int = NORMAL_PRIORITY, node: str | None = None
+) -> None:
+    """Send the run message for a committed job row (raises if the broker is unreachable); with `node`, to that
+    worker's own queue (Celery's direct queue) instead of `queue` (store/recordings.py: follow-up edits)."""
+    target: str | Queue = worker_direct(node) if node else queue
+    app.send_task(RUN_JOB, args=[job_id], queue=target, priority=priority, retry=True, retry_policy={"max_retries": 2})
 
 
 def publish_webhook(app: Celery, job_id: str) -> None:

@@ -14,9 +14,11 @@ from store.db import session_factory
 from store.job_ends import announce_end
 from store.jobs import mark_published
 from store.migrate import upgrade
+from store.recordings import Holder, job_route_key, redis_client, remember
 from store.settings import get_settings
 from store.tables import TERMINAL_STATES, Job, utcnow
 from worker.celery_app import DELIVER_WEBHOOK, RUN_JOB, celery_app, publish_job
+from worker.owners import current_owner
 
 if TYPE_CHECKING:  # the execution module imports torch; a task module must not
     from worker.execution import RunOutcome
@@ -50,6 +52,8 @@ def run_job(job_id: str) -> str:
     from worker.execution import execute_job
 
     result = execute_job(context(), job_id)
+    if result == "succeeded":
+        _note_recording(job_id, run_job.request.hostname)
     if result in ENDED:
         _notify(job_id)
     elif result == "deferred":  # its tenant runs its quota of jobs: back to the end of the queue, after a pause
@@ -74,6 +78,21 @@ def _requeue(job_id: str) -> None:
             log.warning("could not re-queue deferred job %s", job_id, exc_info=True)
             return
         mark_published(session, job_id)
+
+
+def _note_recording(job_id: str, node: str | None) -> None:
+    """After a region edit whose recording this process's cache holds: note this worker as its holder, so that
+    follow-up edits of the image come here (store/recordings.py)."""
+    settings = get_settings()
+    client = redis_client(settings.broker_url)
+    if client is None or not node:
+        return
+    with session_factory(settings.database_url)() as session:
+        job = session.get(Job, job_id)
+        key = job_route_key(job) if job is not None else None
+        if job is None or key is None or not job.metrics.get("activation_held"):
+            return
+    remember(client, key, Holder(node=node, owner=current_owner()))
 
 
 def _notify(job_id: str) -> None:

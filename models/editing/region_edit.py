@@ -37,7 +37,9 @@ is, dilated by `dilation` cells; DDIM, classifier-free guidance; with `sparse=Fa
 `models/control/` (`inputs["controls"]`, `["t2i_adapters"]`, `["grounding"]`) steer the edit pass.
 `metrics` report the edit passes and the record passes separately (`unet_record_seconds`, 0 on a hit), the
 cache's answer (`activation_cache`: hit, miss, or off for a dense job, no cache or a budget of 0) and the
-recording's size (`activation_bytes`, over all steps: what the job's cache entry takes).
+recording's size (`activation_bytes`, over all steps: what the job's cache entry takes) and whether the cache holds it
+when the job ends (`activation_held`: the worker then routes follow-up edits of the image to itself,
+store/recordings.py).
 Not implemented: sparse VAE encoding and decoding (SIGE also does them); sharing recordings between worker
 processes (the cache lives in one process and a restart empties it). Controls with `sparse`: the recorded
 activations would have to include the control residuals of both latents; refused for now.
@@ -171,13 +173,15 @@ class _Reuse:
             else:
                 self.collected = None
 
-    def finish(self, clean: torch.Tensor) -> None:
+    def finish(self, clean: torch.Tensor) -> bool:
         """After the last step: store what a miss collected (the job ran to the end) with the original's latent.
-        A sparse job that recorded counts the latent in `nbytes` too: the size of its cache entry."""
+        A sparse job that recorded counts the latent in `nbytes` too: the size of its cache entry. Returns whether
+        the cache holds the job's recording now (a hit, or a miss that was stored)."""
         if self.status != "hit" and self.nbytes:
             self.nbytes += tensor_bytes(clean)
         if self.collected is not None and self.handle is not None:
-            self.handle.cache.put(self.key, (clean, self.collected))
+            return self.handle.cache.put(self.key, (clean, self.collected))
+        return self.status == "hit"
 
 
 def check_inputs(components: Components, params: Params, inputs: dict[str, Any]) -> None:
@@ -289,7 +293,7 @@ def _edit(
             latents = scheduler.step(eps, timestep, latents).prev_sample
             callback(index + 1, len(timesteps))
         active_fraction = engine.region(*region.shape).fraction if engine is not None else 1.0
-    reuse.finish(clean)
+    held = reuse.finish(clean)
     latents = torch.where(inside, latents, clean)
 
     # 6. Decode, then composite in pixel space: outside the region the output is the input, bit for bit
@@ -310,5 +314,6 @@ def _edit(
             "unet_record_seconds": round(record_seconds, 4),
             "activation_cache": reuse.status,
             "activation_bytes": reuse.nbytes,
+            "activation_held": int(held),
         },
     )
