@@ -51,6 +51,13 @@ class Settings(BaseSettings):
         description="CPU threads per worker process (0: torch's default). 1 is fastest for the tiny zoo model "
         "on a shared CPU; raise it for a large model on a CPU-only worker.",
     )
+    model_cache_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Per worker process: the most bytes of model weights (base and control models) kept loaded; "
+        "the least recently used are dropped to stay within it (0: no limit). Size it to the device's memory less "
+        "what jobs and the activation cache need: an SD 1.5 model is about 2.1 GB in fp16, SDXL about 7 GB.",
+    )
     activation_cache_bytes: int = Field(
         default=2 * 1024**3,
         ge=0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
@@ -9,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter, UNet2DConditionModel
@@ -107,39 +109,118 @@ def load_control(folder: Path, policy: DevicePolicy, allow_downloads: bool = Fal
     return model
 
 
-class ModelCache:
-    """Base models and control models by name, loaded on first use and kept for the life of the process."""
+def model_bytes(model: Components | ControlNetModel | T2IAdapter) -> int:
+    """Bytes of a loaded model's parameters and buffers (what it holds on its device)."""
+    modules = [model.unet, model.vae, model.text_encoder] if isinstance(model, Components) else [model]
+    return sum(
+        tensor.nelement() * tensor.element_size()
+        for module in modules
+        for tensor in [*module.parameters(), *module.buffers()]
+    )
 
-    def __init__(self, models_dir: Path, policy: DevicePolicy, allow_downloads: bool = False) -> None:
+
+Loaded: TypeAlias = Components | ControlNetModel | T2IAdapter
+
+
+class ModelCache:
+    """Base models and control models by name, loaded on first use, kept within a memory budget.
+
+    budget_bytes: the most bytes of weights kept at once (`ATELIER_MODEL_CACHE_BYTES`; 0: no limit). After a load
+    the least recently used models are dropped until the rest fit; a model larger than the whole budget is still
+    loaded (the job needs it) and everything else dropped. A dropped model's memory is returned once the last job
+    using it lets go (on CUDA the allocator's cache is emptied too). One lock per model name: a slow load of one model
+    never holds up a job on another, and two jobs asking for one model load it once."""
+
+    def __init__(
+        self, models_dir: Path, policy: DevicePolicy, allow_downloads: bool = False, budget_bytes: int = 0
+    ) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"model cache budget must be at least 0 bytes (0: no limit), got {budget_bytes}")
         self.models_dir = models_dir
         self.policy = policy
         self.allow_downloads = allow_downloads
-        self._loaded: dict[str, Components] = {}
-        self._controls: dict[str, ControlNetModel | T2IAdapter] = {}
-        self._lock = threading.Lock()
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[tuple[str, str], tuple[Loaded, int]] = OrderedDict()
+        self._guard = threading.Lock()  # the entries and the per-model locks; never held while loading
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
         self.loads = 0
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the models kept now."""
+        with self._guard:
+            return sum(size for _, size in self._entries.values())
+
+    def names(self) -> list[str]:
+        """The kept models' names, least recently used first."""
+        with self._guard:
+            return [name for _, name in self._entries]
 
     def control(self, name: str) -> ControlNetModel | T2IAdapter:
-        with self._lock:
-            if name not in self._controls:
-                folder = self.models_dir / name
-                if not (folder / "config.json").is_file():
-                    raise FileNotFoundError(f"control model {name!r} not found in {self.models_dir}")
-                log.info("loading control model %s on %s (%s)", name, self.policy.device, self.policy.dtype)
-                self._controls[name] = load_control(folder, self.policy, self.allow_downloads)
-                self.loads += 1
-            return self._controls[name]
+        folder = self.models_dir / name
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"control model {name!r} not found in {self.models_dir}")
+        model = self._get(("control", name), lambda: load_control(folder, self.policy, self.allow_downloads))
+        assert not isinstance(model, Components)
+        return model
 
     def get(self, name: str) -> Components:
-        with self._lock:
-            if name not in self._loaded:
-                folder = self.models_dir / name
-                if not (folder / "model_index.json").is_file():
-                    raise FileNotFoundError(f"base model {name!r} not found in {self.models_dir}")
-                log.info("loading base model %s on %s (%s)", name, self.policy.device, self.policy.dtype)
-                self._loaded[name] = load_components(folder, self.policy, self.allow_downloads)
+        folder = self.models_dir / name
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"base model {name!r} not found in {self.models_dir}")
+        model = self._get(("base", name), lambda: load_components(folder, self.policy, self.allow_downloads))
+        assert isinstance(model, Components)
+        return model
+
+    def _get(self, key: tuple[str, str], load: Callable[[], Loaded]) -> Loaded:
+        with self._guard:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found[0]
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # this model only
+            with self._guard:
+                found = self._entries.get(key)  # loaded by another thread while this one waited
+                if found is not None:
+                    self._entries.move_to_end(key)
+                    return found[0]
+            log.info("loading %s model %s on %s (%s)", key[0], key[1], self.policy.device, self.policy.dtype)
+            model = load()
+            size = model_bytes(model)
+            with self._guard:
+                self._entries[key] = (model, size)
                 self.loads += 1
-            return self._loaded[name]
+                dropped = self._evict(keep=key)
+        if dropped:
+            self._release(dropped)
+        return model
+
+    def _evict(self, keep: tuple[str, str]) -> list[str]:
+        """Drop least recently used entries (never `keep`) until the rest fit the budget; under `_guard`."""
+        if not self.budget_bytes:
+            return []
+        dropped: list[str] = []
+        total = sum(size for _, size in self._entries.values())
+        for key in list(self._entries):
+            if total <= self.budget_bytes:
+                break
+            if key == keep:
+                continue
+            total -= self._entries.pop(key)[1]
+            dropped.append(key[1])
+            self.evictions += 1
+        if total > self.budget_bytes:
+            log.warning("model %s alone (%d bytes) exceeds the model cache budget (%d)", keep[1], total,
+                        self.budget_bytes)
+        return dropped
+
+    def _release(self, dropped: list[str]) -> None:
+        log.info("model cache: dropped %s (least recently used) to stay within %d bytes", dropped, self.budget_bytes)
+        gc.collect()
+        if self.policy.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 class AdapterCache:

@@ -41,7 +41,9 @@ def context() -> Any:
             settings=settings,
             sessions=session_factory(settings.database_url),
             artifacts=artifact_store(settings),
-            cache=ModelCache(settings.models_dir, device_policy(settings), settings.allow_downloads),
+            cache=ModelCache(
+                settings.models_dir, device_policy(settings), settings.allow_downloads, settings.model_cache_bytes
+            ),
         )
     return _context
 
