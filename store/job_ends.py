@@ -18,6 +18,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import lru_cache
+from typing import Any
 
 log = logging.getLogger("atelier.job_ends")
 
@@ -30,16 +32,24 @@ def redis_url(broker_url: str) -> str | None:
     return broker_url if broker_url.startswith(("redis://", "rediss://")) else None
 
 
-def announce_end(broker_url: str, job_id: str) -> None:
-    """Publish that `job_id` reached a terminal state; a failure is logged and ignored (waiters re-read anyway)."""
+@lru_cache(maxsize=4)
+def redis_client(broker_url: str) -> Any | None:
+    """A Redis client on the broker (one connection pool per process), or None when the broker is not Redis."""
     url = redis_url(broker_url)
     if url is None:
-        return
+        return None
     import redis
 
+    return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+
+def announce_end(broker_url: str, job_id: str) -> None:
+    """Publish that `job_id` reached a terminal state; a failure is logged and ignored (waiters re-read anyway)."""
+    client = redis_client(broker_url)
+    if client is None:
+        return
     try:
-        with redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5) as client:
-            client.publish(CHANNEL_PREFIX + job_id, b"ended")
+        client.publish(CHANNEL_PREFIX + job_id, b"ended")
     except Exception:
         log.warning("could not announce the end of %s", job_id, exc_info=True)
 

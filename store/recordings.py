@@ -21,13 +21,12 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from store.job_ends import redis_url
+from store.job_ends import redis_client
 from store.tables import Job, JobState
 
 log = logging.getLogger("atelier.recordings")
@@ -58,18 +57,6 @@ def route_key(kind: str, model: str, params: dict[str, Any], seed: int, adapters
 
 def job_route_key(job: Job) -> str | None:
     return route_key(job.kind, job.model, job.params, job.seed, job.adapters)
-
-
-@lru_cache(maxsize=4)
-def redis_client(broker_url: str) -> Any | None:
-    """A Redis client on the broker (one connection pool per process), or None when the broker is not Redis:
-    then nothing is routed."""
-    url = redis_url(broker_url)
-    if url is None:
-        return None
-    import redis
-
-    return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
 
 def route_for(session: Session, broker_url: str, job: Job) -> str | None:

@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from models.common.activation_cache import tensor_bytes
 from models.common.components import Components
 from models.personalization.common import Adapter
 from store.settings import Settings
@@ -112,11 +113,7 @@ def load_control(folder: Path, policy: DevicePolicy, allow_downloads: bool = Fal
 def model_bytes(model: Components | ControlNetModel | T2IAdapter) -> int:
     """Bytes of a loaded model's parameters and buffers (what it holds on its device)."""
     modules = [model.unet, model.vae, model.text_encoder] if isinstance(model, Components) else [model]
-    return sum(
-        tensor.nelement() * tensor.element_size()
-        for module in modules
-        for tensor in [*module.parameters(), *module.buffers()]
-    )
+    return sum(tensor_bytes([*module.parameters(), *module.buffers()]) for module in modules)
 
 
 Loaded: TypeAlias = Components | ControlNetModel | T2IAdapter

@@ -11,10 +11,10 @@ from celery import signals
 from contract.webhook_targets import Allowlist, TargetRefused
 from store.artifacts import artifact_store
 from store.db import session_factory
-from store.job_ends import announce_end
+from store.job_ends import announce_end, redis_client
 from store.jobs import mark_published
 from store.migrate import upgrade
-from store.recordings import Holder, job_route_key, redis_client, remember
+from store.recordings import Holder, job_route_key, remember
 from store.settings import get_settings
 from store.tables import TERMINAL_STATES, Job, utcnow
 from worker.celery_app import DELIVER_WEBHOOK, RUN_JOB, celery_app, publish_job
@@ -54,10 +54,8 @@ def run_job(job_id: str) -> str:
     from worker.execution import execute_job
 
     result = execute_job(context(), job_id)
-    if result == "succeeded":
-        _note_recording(job_id, run_job.request.hostname)
     if result in ENDED:
-        _notify(job_id)
+        _after_end(job_id, run_job.request.hostname if result == "succeeded" else None)
     elif result == "deferred":  # its tenant runs its quota of jobs: back to the end of the queue, after a pause
         _requeue(job_id)
     return result
@@ -82,27 +80,21 @@ def _requeue(job_id: str) -> None:
         mark_published(session, job_id)
 
 
-def _note_recording(job_id: str, node: str | None) -> None:
-    """After a region edit whose recording this process's cache holds: note this worker as its holder, so that
-    follow-up edits of the image come here (store/recordings.py)."""
+def _after_end(job_id: str, node: str | None) -> None:
+    """After a job's terminal write: wake the API requests waiting on it; after a region edit whose recording this
+    process's cache holds (`node`: this worker, for a job that succeeded), note this worker as its holder so that
+    follow-up edits of the image come here (store/recordings.py); send the job's webhook if it has one."""
     settings = get_settings()
-    client = redis_client(settings.broker_url)
-    if client is None or not node:
-        return
+    announce_end(settings.broker_url, job_id)
     with session_factory(settings.database_url)() as session:
         job = session.get(Job, job_id)
-        key = job_route_key(job) if job is not None else None
-        if job is None or key is None or not job.metrics.get("activation_held"):
+        if job is None:
             return
-    remember(client, key, Holder(node=node, owner=current_owner()))
-
-
-def _notify(job_id: str) -> None:
-    """After a job's terminal write: wake the API requests waiting on it, then send its webhook if it has one."""
-    announce_end(get_settings().broker_url, job_id)
-    with session_factory(get_settings().database_url)() as session:
-        job = session.get(Job, job_id)
-        if job is not None and job.callback_url and job.webhook_delivered_at is None:
+        client = redis_client(settings.broker_url)
+        key = job_route_key(job)
+        if node and client is not None and key is not None and job.metrics.get("activation_held"):
+            remember(client, key, Holder(node=node, owner=current_owner()))
+        if job.callback_url and job.webhook_delivered_at is None:
             celery_app.send_task(DELIVER_WEBHOOK, args=[job_id], queue="inference")
 
 

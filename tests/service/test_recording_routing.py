@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from models.shapes.world import render
 from store.db import session_scope
-from store.job_ends import redis_url
-from store.recordings import Holder, holder_of, is_free, job_route_key, redis_client, remember
+from store.job_ends import redis_client, redis_url
+from store.recordings import Holder, holder_of, is_free, job_route_key, remember
 from store.settings import Settings
 from store.tables import Job
 from tests.conftest import start_worker, stop_process, wait_for
