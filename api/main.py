@@ -169,7 +169,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     latency = Histogram("atelier_http_request_seconds", "HTTP request latency", ["route"], registry=registry)
 
     errors.install(app)
-    for router in (files.router, jobs.router, adapters.router, catalog.router, admin.router, health.router):
+    # Jobs first: a status poll, the most frequent request, then matches the first routes tried.
+    for router in (jobs.router, files.router, adapters.router, catalog.router, admin.router, health.router):
         app.include_router(router)
 
     # Added before count_requests, so it runs inside it: a body found too large while FastAPI reads it raises

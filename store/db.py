@@ -29,6 +29,7 @@ def make_engine(url: str) -> Engine:
 
 
 _ENGINES: dict[str, Engine] = {}
+_READ_ENGINES: dict[str, Engine] = {}
 
 
 def engine_for(url: str) -> Engine:
@@ -38,10 +39,22 @@ def engine_for(url: str) -> Engine:
     return _ENGINES[url]
 
 
+def read_engine_for(url: str) -> Engine:
+    """The process's engine for one-statement reads (status polls), a pool of its own on Postgres: autocommit, so
+    a read is one round trip instead of BEGIN, the statement and ROLLBACK, and no ping before each use (a read may
+    simply run again: callers retry it once through a dropped connection, `store.retry.retrying`). SQLite shares
+    `engine_for`'s engine."""
+    if url.startswith("sqlite"):
+        return engine_for(url)
+    if url not in _READ_ENGINES:
+        _READ_ENGINES[url] = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=10)
+    return _READ_ENGINES[url]
+
+
 def _forget_inherited_connections() -> None:
     """After fork (Celery's prefork pool), never touch the parent's pooled connections: a connection
     used by two processes corrupts both. `close=False` leaves them to the parent."""
-    for engine in _ENGINES.values():
+    for engine in (*_ENGINES.values(), *_READ_ENGINES.values()):
         engine.dispose(close=False)
 
 

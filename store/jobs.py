@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, Row, and_, func, or_, select, text, update
+from sqlalchemy import Connection, Engine, Row, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from store.tables import TERMINAL_STATES, ApiKey, Job, JobState, utcnow
@@ -368,17 +368,24 @@ def list_jobs(
     return rows[:limit], next_cursor
 
 
+_JOBS = Job.__table__
+_JOB_FOR_KEY = (
+    select(ApiKey.id.label("key_id"), _JOBS)
+    .select_from(
+        ApiKey.__table__.outerjoin(
+            _JOBS, and_(_JOBS.c.id == bindparam("job_id"), _JOBS.c.tenant_id == ApiKey.tenant_id)
+        )
+    )
+    .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
+)
+"""Built once: building the statement cost more than running it (SQLAlchemy then caches its compiled form)."""
+
+
 def job_for_key(connection: Connection, key_hash: str, job_id: str) -> tuple[bool, Row[Any] | None]:
     """A status poll's whole database work in one statement, without the ORM: (whether `key_hash` is a live key,
     the job `job_id` as a row if it belongs to that key's tenant, else None). The row has the job's columns as
     attributes (what `JobOut.of` reads)."""
-    jobs = Job.__table__
-    mine = and_(jobs.c.id == job_id, jobs.c.tenant_id == ApiKey.tenant_id)
-    row = connection.execute(
-        select(ApiKey.id.label("key_id"), jobs)
-        .select_from(ApiKey.__table__.outerjoin(jobs, mine))
-        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
-    ).one_or_none()
+    row = connection.execute(_JOB_FOR_KEY, {"job_id": job_id, "key_hash": key_hash}).one_or_none()
     if row is None:
         return False, None
     return True, (row if row.id is not None else None)

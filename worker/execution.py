@@ -34,8 +34,10 @@ from models.personalization.concepts import CLASS_IMAGES_SEED, generate_class_im
 from store.adapters import adapter_id_for_job, adapter_key, checkpoint_key, get_adapter, read_adapter_file, save_adapter
 from store.artifacts import ArtifactNotFound, ArtifactStore, StorageUnavailable
 from store.files import get_file, output_key, store_output
+from store.job_ends import redis_client
 from store.jobs import Claim, ClaimReason, TenantCap, claim, finish, finished_by, heartbeat
 from store.quotas import limits_for
+from store.recordings import Holder, job_route_key, remember
 from store.retry import DatabaseUnavailable, in_session, retrying
 from store.settings import Settings
 from store.tables import Job, JobState, Tenant
@@ -320,8 +322,9 @@ class Ending:
     result: dict[str, Any] | None = None
 
 
-def execute_job(ctx: WorkerContext, job_id: str) -> RunOutcome:
-    """Run the job if this worker can claim it; returns what happened (for logs and tests).
+def execute_job(ctx: WorkerContext, job_id: str, node: str | None = None) -> RunOutcome:
+    """Run the job if this worker can claim it; returns what happened (for logs and tests). `node`: this worker's
+    Celery node name, where follow-up edits of a recording it keeps are sent (`_note_recording`).
 
     Database work is retried through transient faults (`store.retry`): a job never fails because of a dropped
     connection the database survived."""
@@ -339,9 +342,21 @@ def execute_job(ctx: WorkerContext, job_id: str) -> RunOutcome:
         if ending is None:
             log.warning("job %s: lease lost, leaving it to its new owner", job_id)
             return "lease_lost"
+        _note_recording(ctx, job, ending, node)
         return _finish(ctx, job, spec, ending, beat.progress)  # 5. The guarded terminal write.
     finally:
         beat.stop_event.set()
+
+
+def _note_recording(ctx: WorkerContext, job: Job, ending: Ending, node: str | None) -> None:
+    """After a region edit whose recording this process's cache keeps, note this worker as its holder, so that
+    follow-up edits of the image are sent here (store/recordings.py). Before the end is written: a client that
+    sees the job succeed may send the next edit at once."""
+    if node is None or ending.state != JobState.succeeded or not ending.metrics.get("activation_held"):
+        return
+    client, key = redis_client(ctx.settings.broker_url), job_route_key(job)
+    if client is not None and key is not None:
+        remember(client, key, Holder(node=node, owner=ctx.owner))
 
 
 def _claim(ctx: WorkerContext, session: Session, job_id: str) -> Claim:

@@ -11,14 +11,12 @@ from celery import signals
 from contract.webhook_targets import Allowlist, TargetRefused
 from store.artifacts import artifact_store
 from store.db import session_factory
-from store.job_ends import announce_end, redis_client
+from store.job_ends import announce_end
 from store.jobs import mark_published
 from store.migrate import upgrade
-from store.recordings import Holder, job_route_key, remember
 from store.settings import get_settings
 from store.tables import TERMINAL_STATES, Job, utcnow
 from worker.celery_app import DELIVER_WEBHOOK, RUN_JOB, celery_app, publish_job
-from worker.owners import current_owner
 
 if TYPE_CHECKING:  # the execution module imports torch; a task module must not
     from worker.execution import RunOutcome
@@ -53,9 +51,9 @@ def run_job(job_id: str) -> str:
     """Run one job by id."""
     from worker.execution import execute_job
 
-    result = execute_job(context(), job_id)
+    result = execute_job(context(), job_id, node=run_job.request.hostname)
     if result in ENDED:
-        _after_end(job_id, run_job.request.hostname if result == "succeeded" else None)
+        _after_end(job_id)
     elif result == "deferred":  # its tenant runs its quota of jobs: back to the end of the queue, after a pause
         _requeue(job_id)
     return result
@@ -80,20 +78,14 @@ def _requeue(job_id: str) -> None:
         mark_published(session, job_id)
 
 
-def _after_end(job_id: str, node: str | None) -> None:
-    """After a job's terminal write: wake the API requests waiting on it; after a region edit whose recording this
-    process's cache holds (`node`: this worker, for a job that succeeded), note this worker as its holder so that
-    follow-up edits of the image come here (store/recordings.py); send the job's webhook if it has one."""
+def _after_end(job_id: str) -> None:
+    """After a job's terminal write: wake the API requests waiting on it; send the job's webhook if it has one."""
     settings = get_settings()
     announce_end(settings.broker_url, job_id)
     with session_factory(settings.database_url)() as session:
         job = session.get(Job, job_id)
         if job is None:
             return
-        client = redis_client(settings.broker_url)
-        key = job_route_key(job)
-        if node and client is not None and key is not None and job.metrics.get("activation_held"):
-            remember(client, key, Holder(node=node, owner=current_owner()))
         if job.callback_url and job.webhook_delivered_at is None:
             celery_app.send_task(DELIVER_WEBHOOK, args=[job_id], queue="inference")
 

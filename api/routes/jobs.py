@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
+from sqlalchemy import Row
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ArtifactsDep, Credentials, SessionDep, SettingsDep, TenantDep, get_tenant
@@ -17,9 +18,9 @@ from api.schemas import JobPage
 from contract.jobs import JobOut
 from contract.registry import methods
 from contract.spec import MethodSpec
-from store.db import engine_for, session_factory, session_scope
+from store.db import read_engine_for, session_factory, session_scope
 from store.jobs import job_for_key, list_jobs, request_cancel
-from store.retry import close_quietly
+from store.retry import close_quietly, retrying
 from store.settings import Settings
 from store.tables import TERMINAL_STATES, Job, JobState
 from store.tenants import hash_key
@@ -68,21 +69,6 @@ def _creation_route(spec: MethodSpec) -> Callable[..., JobOut]:
     create.__name__ = "create_" + spec.kind.replace("-", "_")
     create.__doc__ = spec.summary
     return create
-
-
-for _spec in methods().values():
-    router.add_api_route(
-        _spec.path,
-        _creation_route(_spec),
-        methods=["POST"],
-        status_code=201,
-        response_model=JobOut,
-        summary=_spec.summary.split(":")[0].split(".")[0],
-        description=f"{_spec.summary}\n\nPaper: {_spec.paper}\n\nQueue: `{_spec.queue}`.",
-        tags=[_spec.group],
-        operation_id=f"create_{_spec.kind.replace('-', '_')}",
-        responses=error_responses(400, 413, 429, 503),
-    )
 
 
 def _load(session: SessionDep, tenant_id: str, job_id: str) -> Job:
@@ -143,8 +129,13 @@ def _poll(settings: Settings, credentials: HTTPAuthorizationCredentials | None, 
             close_quietly(session)
     if credentials is None or not credentials.credentials:
         raise unauthorized("missing API key (Authorization: Bearer …)")
-    with engine_for(settings.database_url).connect() as connection:
-        live, row = job_for_key(connection, hash_key(credentials.credentials), job_id)
+    key_hash = hash_key(credentials.credentials)
+
+    def read() -> tuple[bool, Row[Any] | None]:
+        with read_engine_for(settings.database_url).connect() as connection:
+            return job_for_key(connection, key_hash, job_id)
+
+    live, row = retrying("reading the job", read, delays=(0.0,))  # once more through a dropped connection
     if not live:
         raise unauthorized("invalid or revoked API key")
     if row is None:
@@ -233,3 +224,19 @@ async def job_events(job_id: str, tenant: TenantDep, session: SessionDep, settin
             idle += 0.2
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# After the job routes: routes match in order, and status polls are the most frequent requests.
+for _spec in methods().values():
+    router.add_api_route(
+        _spec.path,
+        _creation_route(_spec),
+        methods=["POST"],
+        status_code=201,
+        response_model=JobOut,
+        summary=_spec.summary.split(":")[0].split(".")[0],
+        description=f"{_spec.summary}\n\nPaper: {_spec.paper}\n\nQueue: `{_spec.queue}`.",
+        tags=[_spec.group],
+        operation_id=f"create_{_spec.kind.replace('-', '_')}",
+        responses=error_responses(400, 413, 429, 503),
+    )

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, create_engine, event, func, select, text
 
 import store.retry
 from store.artifacts import ArtifactNotFound, artifact_store
-from store.db import engine_for, session_factory, session_scope
+from store.db import engine_for, read_engine_for, session_factory, session_scope
 from store.files import output_key
 from store.settings import Settings
 from store.tables import Job, StoredFile
@@ -126,17 +126,26 @@ def test_a_database_down_through_the_retries_fails_the_job_cleanly(
         ctx.artifacts.get(output_key(tenant_id, job_id, "image-0.png"))
 
 
-def test_the_api_answers_503_when_its_connection_dies(settings: Settings) -> None:
+def test_a_status_poll_reads_again_through_a_dropped_connection_then_answers_503(settings: Settings) -> None:
+    """A poll is one read on its own autocommit pool (`store.db.read_engine_for`) with no ping before it: a
+    connection found dead is replaced and the read runs once more; a second drop in a row is a clean 503."""
     from api.main import create_app
 
     tenant_id, key = make_tenant(settings)
     auth = {"Authorization": f"Bearer {key}"}
     job_id = add_job(settings, tenant_id, "text-to-image", {"prompt": "a red circle", "steps": 2})
+    poll = r"^SELECT .*\sFROM api_keys LEFT OUTER JOIN jobs\s"  # its one statement (store.jobs.job_for_key)
+    reads = read_engine_for(settings.database_url)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        poll = r"^SELECT .*\sFROM api_keys LEFT OUTER JOIN jobs\s"  # its one statement (store.jobs.job_for_key)
-        with drop_connection_before(engine_for(settings.database_url), poll) as cut:
+        with drop_connection_before(reads, poll) as cut:
             response = client.get(f"/v1/jobs/{job_id}", headers=auth)
-        assert cut
+        assert len(cut) == 1
+        assert response.status_code == 200, response.text
+        assert response.json()["id"] == job_id
+
+        with drop_connection_before(reads, poll, times=2) as cut:
+            response = client.get(f"/v1/jobs/{job_id}", headers=auth)
+        assert len(cut) == 2
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "database_unavailable"
         assert response.headers["Retry-After"] == "2"
