@@ -8,7 +8,15 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from models.common.components import Components
-from models.common.sparse import CachedStatsGroupNorm, SparseConv2d, SparseEngine, region_at, sparse_inference
+from models.common.sparse import (
+    ActiveRegion,
+    BoxPlan,
+    CachedStatsGroupNorm,
+    SparseConv2d,
+    SparseEngine,
+    region_at,
+    sparse_inference,
+)
 
 
 def block_mask(size: int, top: int, left: int, height: int, width: int) -> torch.Tensor:
@@ -22,8 +30,8 @@ def test_region_rounds_the_mask_up_to_tiles_at_every_resolution() -> None:
     full = region_at(mask, 16, 16, tile=4)
     assert (full.rows.tolist(), full.cols.tolist()) == ([1], [2])
     assert full.tokens.tolist() == [y * 16 + x for y in range(4, 8) for x in range(8, 12)]
-    half = region_at(mask, 8, 8, tile=4)  # pooled: rows 2-3, cols 4-5
-    assert (half.rows.tolist(), half.cols.tolist()) == ([0], [1]) and half.fraction == 0.25
+    half = region_at(mask, 8, 8, tile=4)  # pooled: rows 2-3, cols 4-5; a map under SMALL_MAP: blocks of 2
+    assert half.tile == 2 and (half.rows.tolist(), half.cols.tolist()) == ([1], [2]) and half.fraction == 4 / 64
     odd = region_at(mask, 6, 6, tile=4)  # 4 does not divide 6: tiles of gcd(6, 4) = 2
     assert odd.tile == 2
 
@@ -38,13 +46,32 @@ CONVS = {
 }
 
 
+def recomputed(layer: SparseConv2d, region: ActiveRegion, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) bool: the output cells the layer's plan recomputes (the box, or the active tiles)."""
+    plan = layer.plan(region, size)
+    cells = torch.zeros(region.height, region.width, dtype=torch.bool)
+    if isinstance(plan, BoxPlan):
+        cells[plan.top : plan.bottom, plan.left : plan.right] = True
+    else:
+        cells.view(-1)[plan.target] = True
+    return cells
+
+
+MASKS = {
+    "compact (one box)": block_mask(32, 3, 6, 4, 2),
+    "two far apart (tiles)": block_mask(32, 2, 2, 3, 3) | block_mask(32, 25, 26, 3, 3),
+}
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("name", list(CONVS))
-def test_sparse_conv_is_exact_on_active_tiles_and_the_original_elsewhere(name: str) -> None:
-    """SIGE Sec. 3.1 for one layer: gather with halo, conv, scatter == the dense conv on those tiles."""
+def test_sparse_conv_is_exact_on_what_it_recomputes_and_the_original_elsewhere(name: str, mask_name: str) -> None:
+    """SIGE Sec. 3.1 for one layer: gather with halo, conv, scatter (or the active tiles' bounding box as one
+    block) == the dense conv on the cells recomputed, which hold every active tile; the original elsewhere."""
     torch.manual_seed(0)
     conv = CONVS[name]
     original = torch.randn(2, 3, 32, 32)
-    mask = block_mask(32, 3, 6, 4, 2)
+    mask = MASKS[mask_name]
     edited = torch.where(mask, torch.randn(2, 3, 32, 32), original)
     engine = SparseEngine(mask, tile=4)
     layer = SparseConv2d(conv, engine)
@@ -55,10 +82,13 @@ def test_sparse_conv_is_exact_on_active_tiles_and_the_original_elsewhere(name: s
         sparse = layer(edited)
         dense = conv(edited)
     region = engine.region(*dense.shape[-2:])
-    active = torch.zeros(dense.shape[-2:], dtype=torch.bool).flatten()
-    active[region.tokens] = True
-    active = active.view(dense.shape[-2:])
+    tiles = torch.zeros(dense.shape[-2:], dtype=torch.bool).flatten()
+    tiles[region.tokens] = True
+    active = recomputed(layer, region, (32, 32))
     assert active.any() and not active.all()
+    assert bool(active.flatten()[tiles].all())
+    plan = layer.plan(region, (32, 32))
+    assert isinstance(plan, BoxPlan) == (mask_name == "compact (one box)"), type(plan)
     assert torch.allclose(sparse[:, :, active], dense[:, :, active], atol=1e-5)
     assert torch.equal(sparse[:, :, ~active], recorded[:, :, ~active])
 
