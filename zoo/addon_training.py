@@ -114,9 +114,12 @@ class AddonLoop:
         self.start = state["step"]
         self.logger.info("resumed from %s at step %d", checkpoint, self.start)
 
-    def noised(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noisy latents, timesteps, noise) for a batch of clean `latents`, t uniform."""
-        timesteps = sample_timesteps(len(latents), 0.0, self.generator)
+    def noised(
+        self, latents: torch.Tensor, high_fraction: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy latents, timesteps, noise) for a batch of clean `latents`, t uniform (a `high_fraction` share
+        drawn from the noisier half instead)."""
+        timesteps = sample_timesteps(len(latents), high_fraction, self.generator)
         noise = torch.randn(latents.shape, generator=self.generator)
         scale = self.alpha_bar[timesteps].view(-1, 1, 1, 1)
         return scale.sqrt() * latents + (1 - scale).sqrt() * noise, timesteps, noise

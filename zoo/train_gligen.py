@@ -55,6 +55,8 @@ class GligenTrainParams:
     seed: int = 0
     checkpoint_every: int = 250
     gate: float = 0.0  # see gligen_variant
+    box_weight: float = 0.0  # > 0: the loss counts latent cells inside the objects' boxes 1 + box_weight times
+    high_noise: float = 0.0  # share of timesteps drawn from the noisier half, where the layout is decided
 
 
 @dataclass
@@ -84,6 +86,17 @@ def render_grounded(n_scenes: int, seed: int) -> GroundedData:
         positionless.append(positionless_caption(scene))
         phrases.append([object_phrase(obj) for obj in scene.objects])
     return GroundedData(images, captions, positionless, phrases, boxes, counts)
+
+
+def box_cells(boxes: torch.Tensor, masks: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, size, size) float: 1 on the latent cells inside any box of a present object, else 0.
+
+    boxes: (B, N, 4) normalised (x0, y0, x1, y1); masks: (B, N), 1 where the slot holds an object."""
+    centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    inside_x = (centres[None, None] >= boxes[..., 0:1]) & (centres[None, None] < boxes[..., 2:3])  # (B, N, size)
+    inside_y = (centres[None, None] >= boxes[..., 1:2]) & (centres[None, None] < boxes[..., 3:4])
+    cells = inside_y[..., :, None] & inside_x[..., None, :] & (masks[..., None, None] > 0)  # (B, N, size, size)
+    return cells.any(dim=1, keepdim=True).float()
 
 
 def gligen_variant(unet: UNet2DConditionModel, gate: float = 0.0) -> UNet2DConditionModel:
@@ -155,14 +168,18 @@ def train_gligen(base: Path, out: Path, work: Path, params: GligenTrainParams, r
         keep_grounding = torch.from_numpy(rng.random(params.batch_size) >= params.grounding_dropout)
         embeds = torch.where(positionless[:, None, None], without_position[index], with_position[index])
         embeds = torch.where(drop_caption[:, None, None], empty[None], embeds)
-        noisy, timesteps, noise = loop.noised(latents[index])
+        noisy, timesteps, noise = loop.noised(latents[index], params.high_noise)
         grounding = {
             "boxes": boxes[index],
             "positive_embeddings": phrase_embeds[index],
             "masks": object_masks[index] * keep_grounding[:, None].float(),
         }
         prediction = gligen(noisy, timesteps, embeds, cross_attention_kwargs={"gligen": grounding}).sample
-        loss = (prediction - noise).pow(2).mean()
+        error = (prediction - noise).pow(2)
+        if params.box_weight > 0:
+            weight = 1 + params.box_weight * box_cells(grounding["boxes"], grounding["masks"], error.shape[-1])
+            error = error * (weight / weight.mean(dim=(2, 3), keepdim=True))
+        loss = error.mean()
         loop.step(step, loss, lambda: {"unet": gligen.state_dict()})
 
     # 4. Save a full model folder: the base's other parts, the GLIGEN UNet
@@ -191,13 +208,23 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--n-scenes", type=int, default=GligenTrainParams.n_scenes)
     parser.add_argument("--lr", type=float, default=GligenTrainParams.lr)
     parser.add_argument("--gate", type=float, default=GligenTrainParams.gate, help="initial gate (see gligen_variant)")
+    parser.add_argument("--box-weight", type=float, default=0.0, help="extra loss weight inside the boxes")
+    parser.add_argument("--high-noise", type=float, default=0.0, help="share of t from the noisier half")
+    parser.add_argument("--positionless", type=float, default=GligenTrainParams.positionless_fraction)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     params = GligenTrainParams(
-        steps=args.steps, batch_size=args.batch_size, n_scenes=args.n_scenes, lr=args.lr, gate=args.gate
+        steps=args.steps,
+        batch_size=args.batch_size,
+        n_scenes=args.n_scenes,
+        lr=args.lr,
+        gate=args.gate,
+        box_weight=args.box_weight,
+        high_noise=args.high_noise,
+        positionless_fraction=args.positionless,
     )
     train_gligen(Path(args.base), Path(args.out), Path(args.work), params, args.resume)
 

@@ -24,7 +24,7 @@ from models.shapes.world import parse_caption, render
 from tests.conftest import ZOO_MODEL
 from zoo.runs import latest_checkpoint
 from zoo.train_control import ControlTrainParams, render_conditioned, train_controlnet
-from zoo.train_gligen import GligenTrainParams, gligen_variant, render_grounded, train_gligen
+from zoo.train_gligen import GligenTrainParams, box_cells, gligen_variant, render_grounded, train_gligen
 
 
 def test_conditions_are_the_scenes_edges_and_masks() -> None:
@@ -152,3 +152,15 @@ def test_open_gate_init_is_the_base_model_and_its_layers_learn_at_once() -> None
         assert fusers
         projections[gate] = max(f.attn.to_out[0].weight.grad.abs().max().item() for f in fusers)
     assert projections[0.0] == 0.0 and projections[0.5] > 0.0, projections
+
+
+def test_box_cells_marks_the_latent_cells_of_present_objects_only() -> None:
+    """The GLIGEN trainer's box-weighted loss (`--box-weight`) weighs these cells: a present object's box, by
+    cell centres; an empty slot's box marks nothing."""
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0]]])
+    cells = box_cells(boxes, torch.tensor([[1.0, 0.0]]), 8)
+    expected = torch.zeros(1, 1, 8, 8)
+    expected[0, 0, :2, :4] = 1
+    assert torch.equal(cells, expected)
+    both = box_cells(boxes, torch.tensor([[1.0, 1.0]]), 8)
+    assert int(both.sum()) == 8 + 16
