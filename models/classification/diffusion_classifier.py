@@ -16,7 +16,11 @@ squared error summed over the latent's dimensions). Implemented as in the paper:
   keeps the `keep_per_stage[0]` best, stage 2 adds `samples_per_stage[1]` samples for the survivors, and
   so on; one stage with no keep list is the naive protocol (the same budget for every class);
 - error weighting: "uniform" (the paper's choice, sec. 5.3) or "vlb", the weights of the DDPM variational
-  bound's L_{t-1} term, beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) with sigma_t^2 = beta_t.
+  bound's L_{t-1} term, beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) with sigma_t^2 = beta_t;
+- the error is measured in the model's own target, the objective it was trained on: eps for an eps-prediction
+  model, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 for a v-prediction one (SD 2.x 768), through
+  `models.common.prediction.training_target`. "vlb" then multiplies its weights by abar_t (eps - eps_hat =
+  sqrt(abar_t) (v - v_hat)), so it still weights the bound's noise error.
 Only conditional errors are needed (no guidance). Not implemented: the L1 / Huber error metrics of the
 paper's ablation, and fitting a timestep-weighting on held-out data.
 """
@@ -34,6 +38,7 @@ from PIL import Image
 from models.common.checks import check_image
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.latents import encode, images_to_tensor, randn
+from models.common.prediction import epsilon_error_scale, training_target
 from models.common.text import check_prompt, encode_prompts
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 1 / phi: the Weyl sequence's step
@@ -141,7 +146,9 @@ def timestep_sequence(n: int, t_min: int, t_max: int) -> torch.Tensor:
 
 def timestep_weights(components: Components, timesteps: torch.Tensor, weighting: str) -> torch.Tensor:
     """(N,) float32 weights of each sample's error: 1 ("uniform"), or the DDPM bound's
-    beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) with sigma_t^2 = beta_t ("vlb"), scaled to mean 1."""
+    beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) with sigma_t^2 = beta_t ("vlb"), scaled to mean 1. The bound
+    weights the noise's error; for a model with another target (v) the weight carries the factor that turns
+    that target's error into the noise's (`epsilon_error_scale`)."""
     if weighting == "uniform":
         return torch.ones(len(timesteps), dtype=torch.float32)
     if weighting != "vlb":
@@ -150,7 +157,7 @@ def timestep_weights(components: Components, timesteps: torch.Tensor, weighting:
     betas = scheduler.betas.double()[timesteps]
     alphas = 1.0 - betas
     alphas_cumprod = scheduler.alphas_cumprod.double()[timesteps]
-    weights = betas / (2.0 * alphas * (1.0 - alphas_cumprod))
+    weights = betas / (2.0 * alphas * (1.0 - alphas_cumprod)) * epsilon_error_scale(scheduler, timesteps)
     return (weights / weights.mean()).float()
 
 
@@ -174,7 +181,8 @@ def sample_errors(
     batch_size: int,
     callback: ProgressCallback = no_progress,
 ) -> torch.Tensor:
-    """|| eps_j - eps_theta(x_{t_j}, t_j, c) ||^2 / dims for every sample j in `samples` and class c in `classes`.
+    """|| y_j - f_theta(x_{t_j}, t_j, c) ||^2 / dims for every sample j in `samples` and class c in `classes`, with
+    y_j the model's target for (x_0, eps_j, t_j): eps_j, or the velocity for a v-prediction model.
 
     clean: (1, C, h, w) latent of the image; embeddings: (K, L, D) of all classes. Items (j, c) go through the
     UNet `batch_size` at a time, sample-major, so one forward holds one noisy latent x_{t_j} with many class
@@ -193,7 +201,7 @@ def sample_errors(
         timesteps = plan.timesteps[[j for j, _ in chunk]].to(components.device)
         states = embeddings[[c for _, c in chunk]]
         predicted = components.unet(noisy, timesteps, encoder_hidden_states=states).sample
-        target = plan.noises[[j for j, _ in chunk]]
+        target = training_target(scheduler, clean, plan.noises[[j for j, _ in chunk]], timesteps)
         errors[start : start + len(chunk)] = (target.float() - predicted.float()).pow(2).flatten(1).mean(1).cpu()
         callback(start + len(chunk), len(pairs))
     return errors.reshape(len(samples), len(classes))

@@ -52,10 +52,14 @@ class Components:
         return int(self.unet.config.sample_size) * self.vae_scale
 
     def ddim(self) -> DDIMScheduler:
-        """A fresh DDIM scheduler for one job (schedulers carry state, so they are never shared)."""
+        """A fresh DDIM scheduler for one job (schedulers carry state, so they are never shared).
+
+        It keeps the model's `prediction_type`, so `step` takes the UNet's output as it comes (eps or v) and
+        `training_target` gives the model's own regression target (models/common/prediction.py)."""
         return DDIMScheduler.from_config(self.scheduler_config)
 
     def ddim_inverse(self) -> DDIMInverseScheduler:
+        """A fresh DDIM inversion scheduler, with the model's `prediction_type` as `ddim`."""
         return DDIMInverseScheduler.from_config(self.scheduler_config)
 
 

@@ -30,6 +30,9 @@ def ddim_invert(
     inverse_scheduler.timesteps[k]. With the forward scheduler set to the same number of steps N,
     forward step i (at timestep forward.timesteps[i]) starts from entry N - 1 - i, and the last entry
     is the starting noise for a full regeneration. `n_steps` stops early (an encoding ratio < 1).
+    `inverse_scheduler` must have the model's prediction_type (`Components.ddim_inverse()`): it receives the UNet's
+    raw output (eps or v) and converts it, as diffusers' DDIMInverseScheduler does, at the level of the latent it
+    steps from.
     """
     timesteps = inverse_scheduler.timesteps
     if n_steps is not None:

@@ -31,6 +31,9 @@ def guided_noise(
 
     latents: (B, C, h, w); cond, uncond: (B, L, D). With w == 1 or no uncond, one UNet pass. `extras` adds keyword
     arguments to that pass computed from its own batch (ControlNet residuals).
+    The result is in the model's own parameterization: eps, or v for a v-prediction model (guidance is linear, so
+    guiding v is guiding eps); hand it to a scheduler from `Components.ddim()`, which converts it inside `step`,
+    or to `models.common.prediction.to_epsilon` (see that module).
     """
     if uncond is None or guidance_scale == 1.0:
         kwargs = extras(latents, timestep, cond, False) if extras else {}
@@ -54,7 +57,8 @@ def ddim_sample(
     control: ControlInputs | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (B, C, h, w) through `timesteps` with deterministic DDIM (eta = 0), with `control`
-    (ControlNets, T2I-Adapters, GLIGEN grounding) adding its UNet arguments at the steps each covers."""
+    (ControlNets, T2I-Adapters, GLIGEN grounding) adding its UNet arguments at the steps each covers.
+    `scheduler` must have the model's prediction_type (`Components.ddim()`): it receives the UNet's raw output."""
     total = len(timesteps)
     for index, timestep in enumerate(timesteps):
         model_input = scheduler.scale_model_input(latents, timestep)

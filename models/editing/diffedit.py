@@ -35,6 +35,7 @@ from models.common.components import Components, MethodOutput, ProgressCallback,
 from models.common.inversion import ddim_invert
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
 from models.common.masks import binarize, dilate, rescale, to_image
+from models.common.prediction import to_epsilon
 from models.common.progress import offset_progress
 from models.common.sampling import guided_noise
 from models.common.text import check_prompt, encode_prompts
@@ -84,7 +85,9 @@ def difference_map(
         both = components.unet(
             torch.cat([noisy, noisy]), timestep, encoder_hidden_states=torch.cat([reference, query])
         ).sample
-        eps_reference, eps_query = both.chunk(2)
+        # The map is of the noise (sec. 3.2): a v-model's output converts (at one t and x_t the two captions'
+        # difference is only scaled by sqrt(abar_t), which the rescaling removes, but the map stays in eps)
+        eps_reference, eps_query = to_epsilon(scheduler, both, torch.cat([noisy, noisy]), timestep).chunk(2)
         total += (eps_query - eps_reference).abs().float().mean(dim=1, keepdim=True)
         callback(index + 1, n_samples)
     return total / n_samples

@@ -1,7 +1,8 @@
 """Imagic: text-based real image editing with diffusion models (Kawar et al., CVPR 2023).
 
 One input image x and a target text. Three stages (sec. 3, fig. 3), all with the ordinary denoising loss
-L(x, e, theta) = E_{t, eps} || eps - f_theta(x_t, t, e) ||^2 on the image's VAE latent:
+L(x, e, theta) = E_{t, eps} || eps - f_theta(x_t, t, e) ||^2 on the image's VAE latent (for a v-prediction model,
+SD 2.x 768, the target is v instead of eps: the loss the model was trained with):
   A. Text embedding optimisation: e_tgt = the target text's embedding; starting from e_opt = e_tgt, optimise
      e_opt with the model frozen so that it reconstructs x (the paper: 100 Adam steps, lr 2e-3).
   B. Model fine-tuning: freeze e_opt and fine-tune the diffusion model's weights theta on the same loss, so
@@ -35,6 +36,7 @@ from PIL import Image
 from models.common.checks import check_guidance, check_image, check_steps
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
+from models.common.prediction import training_target
 from models.common.progress import offset_progress
 from models.common.sampling import ddim_sample
 from models.common.text import check_prompt, encode_prompts
@@ -63,7 +65,8 @@ def denoising_loss(
     generator: torch.Generator,
     batch: int = TRAIN_BATCH,
 ) -> torch.Tensor:
-    """L(x, e, theta) of Imagic's stages A and B: mean over `batch` draws of || eps - f(x_t, t, e) ||^2.
+    """L(x, e, theta) of Imagic's stages A and B: mean over `batch` draws of || y - f(x_t, t, e) ||^2, with y the
+    model's training target (`models.common.prediction.training_target`: eps, or v for a v-prediction model).
 
     clean: (1, C, h, w) latents of x; embedding: (1, L, D). Timesteps are uniform in [0, T) and the noises
     standard normal, both drawn from `generator`. Differentiable in `embedding` and in `unet`'s weights.
@@ -71,9 +74,10 @@ def denoising_loss(
     n_train = int(scheduler.config.num_train_timesteps)
     timesteps = torch.randint(0, n_train, (batch,), generator=generator, device=generator.device).to(clean.device)
     noise = randn((batch, *clean.shape[1:]), generator, clean.device, clean.dtype)
-    noisy = scheduler.add_noise(clean.expand(batch, -1, -1, -1), noise, timesteps)
+    clean = clean.expand(batch, -1, -1, -1)
+    noisy = scheduler.add_noise(clean, noise, timesteps)
     predicted = unet(noisy, timesteps, encoder_hidden_states=embedding.expand(batch, -1, -1)).sample
-    return F.mse_loss(predicted.float(), noise.float())
+    return F.mse_loss(predicted.float(), training_target(scheduler, clean, noise, timesteps).float())
 
 
 def optimise_embedding(

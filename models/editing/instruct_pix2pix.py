@@ -77,7 +77,10 @@ def guided_edit_noise(
     empty: torch.Tensor,
     params: Params,
 ) -> torch.Tensor:
-    """The guided noise prediction at one step. latents, image: (1, C, h, w); instruction, empty: (1, L, D)."""
+    """The guided noise prediction at one step. latents, image: (1, C, h, w); instruction, empty: (1, L, D).
+
+    In the model's own parameterization (eps, or v for a v-prediction model): eq. 3 is linear, and the DDIM
+    scheduler of `Components.ddim()` converts the result inside `step` (models/common/prediction.py)."""
     if params.guidance_scale == 1.0 and params.image_guidance_scale == 1.0:
         return components.unet(torch.cat([latents, image], dim=1), timestep, encoder_hidden_states=instruction).sample
     # One pass over [(c_I, c_T), (c_I, 0), (0, 0)], the pipeline's order

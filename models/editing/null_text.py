@@ -18,7 +18,9 @@ trip), and Prompt-to-Prompt edits it by sharing them between the source and the 
 Implemented as in the authors' code: N = `inner_steps` Adam iterations with learning rate
 1e-2 * (1 - i / 100) at step i (`learning_rate`; over more than 100 steps the same linear decay is stretched to
 the run, so the rate stays positive), early stop once the loss is below 1e-5 + 2e-5 * i, the conditional
-noise computed once per step. Not implemented: negative-prompt inversion (a later, optimisation-free
+noise computed once per step. The objective is a distance between latents, so it needs nothing of the model's
+parameterization: the UNet's output (eps, or v for SD 2.x 768) goes to the scheduler's `step`, which knows it
+(models/common/prediction.py). Not implemented: negative-prompt inversion (a later, optimisation-free
 variant). `inner_steps` is the cost knob: each inner iteration is one UNet forward and backward pass.
 """
 

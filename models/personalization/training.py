@@ -30,6 +30,7 @@ from transformers import CLIPTokenizer
 from models.common.components import Components, ProgressCallback
 from models.common.latents import encode, images_to_tensor, randn
 from models.common.mixed_precision import MasterWeights
+from models.common.prediction import training_target
 from models.common.text import encode_prompts
 from models.personalization.common import Checkpoints
 
@@ -87,10 +88,7 @@ def noise_prediction_loss(
     prediction = unet(
         noisy.to(unet.dtype), timesteps, encoder_hidden_states=text_embeddings.to(unet.dtype)
     ).sample.float()
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    target = training_target(scheduler, latents, noise, timesteps)
     return F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 

@@ -1,0 +1,87 @@
+"""Tiny random-weight models of the Stable Diffusion families the methods must handle, for the model tests.
+
+`sd2_v_components` is shaped as Stable Diffusion 2.x's 768 models are: a `UNet2DConditionModel` with linear
+attention projections, a CLIP text encoder with GELU, an `AutoencoderKL`, and SD 2.x's scheduler config, which
+says the UNet predicts the velocity v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (`prediction_type:
+v_prediction`) instead of the noise. Only the widths shrink (32x32 images, 16x16 latents), so every method runs
+on it in a fraction of a second per step; the weights are random (the v-prediction tests check the arithmetic,
+which does not depend on what the weights learnt), seeded so the model is the same in every run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from models.common.components import Components
+from tests.conftest import ZOO_MODEL
+
+# stabilityai/stable-diffusion-2-1's scheduler config, as the model ships it.
+SD2_V_SCHEDULER: dict[str, Any] = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+SD2_IMAGE_SIZE = 32  # pixels: a 16x16 latent through the two-level VAE
+
+
+def sd2_v_components(seed: int = 0) -> Components:
+    """A random SD 2.x-shaped v-prediction model (32x32 images) with the zoo's tokenizer, in float32 on the CPU."""
+    tokenizer = CLIPTokenizer.from_pretrained(ZOO_MODEL / "tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            projection_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            hidden_act="gelu",  # SD 2.x's OpenCLIP text tower
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=SD2_IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),  # diffusers' name; it is the number of heads, as in SD 2.x's (5, 10, 20, 20)
+        use_linear_projection=True,  # SD 2.x's transformer blocks project with linear layers, not 1x1 convs
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SD2_IMAGE_SIZE,
+        scaling_factor=0.18215,  # SD 2.x keeps SD 1.5's VAE and factor
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return Components(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=dict(SD2_V_SCHEDULER)
+    )
