@@ -1,5 +1,10 @@
 """Tiny random-weight models of the Stable Diffusion families the methods must handle, for the model tests.
 
+`sd1_components` is shaped as Stable Diffusion 1.x is: a four-level UNet (three cross-attention levels, then a
+plain one) with 1x1-convolution attention projections, 768-wide cross-attention from a CLIP text encoder of SD
+1.x's width and sequence length (77 tokens), a four-level VAE that scales by 8, and SD 1.5's scheduler config
+(epsilon). The depth and the other widths shrink (64x64 images, 8x8 latents).
+
 `sd2_v_components` is shaped as Stable Diffusion 2.x's 768 models are: a `UNet2DConditionModel` with linear
 attention projections, a CLIP text encoder with GELU, an `AutoencoderKL`, and SD 2.x's scheduler config, which
 says the UNet predicts the velocity v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (`prediction_type:
@@ -84,4 +89,71 @@ def sd2_v_components(seed: int = 0) -> Components:
         module.eval().requires_grad_(False)
     return Components(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=dict(SD2_V_SCHEDULER)
+    )
+
+
+# runwayml/stable-diffusion-v1-5's scheduler config, as the model ships it (epsilon prediction).
+SD1_SCHEDULER: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+SD1_IMAGE_SIZE = 64  # pixels: an 8x8 latent through the four-level VAE (factor 8, as SD's)
+
+
+def sd1_components(seed: int = 0) -> Components:
+    """A random SD 1.x-shaped model (64x64 images) with the zoo's tokenizer, in float32 on the CPU."""
+    tokenizer = CLIPTokenizer.from_pretrained(ZOO_MODEL / "tokenizer")
+    tokenizer.model_max_length = 77  # SD's sequence length (the zoo's ids fit in SD's table)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=768,  # SD 1.x's text width: its UNet cross-attends to 768-wide states
+            intermediate_size=256,
+            projection_dim=768,
+            num_hidden_layers=1,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",  # OpenAI CLIP's, as SD 1.x's text encoder
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=SD1_IMAGE_SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,  # SD 1.x: 8 heads at every level
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SD1_IMAGE_SIZE,
+        scaling_factor=0.18215,
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return Components(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=dict(SD1_SCHEDULER)
     )

@@ -196,6 +196,8 @@ ClassWord = Annotated[
 ]
 
 
+NATIVE_SIZE = " Default: the model's native resolution (`sample_size` in `GET /v1/models`)."
+"""The end of an image size field's description: left out, the API fills in the model's own size."""
 ADAPTER_NAME_FIELD = "name"
 """The request field that names the adapter a job produces, in the registry: the worker reads it when it stores
 the adapter; the method never sees it."""

@@ -48,8 +48,8 @@ class Params:
     steps: int = 25
     guidance_scale: float = 7.5
     negative_prompt: str = ""
-    width: int = 64
-    height: int = 64
+    width: int | None = None  # None: the model's native size (Components.side)
+    height: int | None = None
     batch_size: int = 8
     pseudo_label: bool = False
     pseudo_label_samples_per_stage: Sequence[int] = (4, 12)
@@ -71,7 +71,12 @@ def generate(
     """Images of one prompt, image k from noise drawn with Generator().manual_seed(seeds[k]) (as a batch-1
     text-to-image job with that seed), denoised `params.batch_size` at a time. callback(step, steps) per step."""
     factor = components.vae_scale
-    shape = (1, components.unet.config.in_channels, params.height // factor, params.width // factor)
+    shape = (
+        1,
+        components.unet.config.in_channels,
+        components.side(params.height) // factor,
+        components.side(params.width) // factor,
+    )
     images: list[Image.Image] = []
     for start in range(0, len(seeds), params.batch_size):
         chunk = seeds[start : start + params.batch_size]
@@ -132,7 +137,7 @@ def run(
     # 1. Check inputs
     check_classes(components, params.classes, params.pseudo_label)
     factor = components.vae_scale
-    for name, value in (("width", params.width), ("height", params.height)):
+    for name, value in (("width", components.side(params.width)), ("height", components.side(params.height))):
         if value % factor:
             raise ValueError(f"{name} must be a multiple of {factor}, got {value}")
     if params.steps < 1:

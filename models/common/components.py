@@ -51,6 +51,11 @@ class Components:
         (512 for SD 1.5, 64 for the ShapesWorld zoo)."""
         return int(self.unet.config.sample_size) * self.vae_scale
 
+    def side(self, pixels: int | None) -> int:
+        """An image side as a method's params give it, None (left out) meaning the native size: the default of
+        every image size, so that no size assumes one model."""
+        return pixels or self.native_size
+
     def ddim(self) -> DDIMScheduler:
         """A fresh DDIM scheduler for one job (schedulers carry state, so they are never shared).
 

@@ -71,8 +71,8 @@ class Params:
     local_blend_threshold: float = 0.3
     steps: int = 25
     guidance_scale: float = 7.5
-    width: int = 64
-    height: int = 64
+    width: int | None = None  # None: the model's native size (Components.side)
+    height: int | None = None
     null_text_steps: int = 10
 
 
@@ -178,7 +178,12 @@ def uses_null_text(params: Params) -> bool:
 def generated_start(components: Components, params: Params, generator: torch.Generator) -> Start:
     """One noise draw for both branches, exactly as `text_to_image` draws it for one image."""
     factor = components.vae_scale
-    shape = (1, components.unet.config.in_channels, params.height // factor, params.width // factor)
+    shape = (
+        1,
+        components.unet.config.in_channels,
+        components.side(params.height) // factor,
+        components.side(params.width) // factor,
+    )
     uncond = encode_prompts(components.text_encoder, components.tokenizer, [""])  # (1, L, D)
     noise = randn(shape, generator, components.device, components.dtype) * components.ddim().init_noise_sigma
     return Start(noise, [uncond] * params.steps)
@@ -286,7 +291,7 @@ def run(
     # 1. Check inputs
     image = (inputs or {}).get("image")
     factor = components.vae_scale
-    width, height = image.size if image is not None else (params.width, params.height)
+    width, height = image.size if image is not None else (components.side(params.width), components.side(params.height))
     for name, value in (("width", width), ("height", height)):
         if value % factor:
             raise ValueError(f"{name} must be a multiple of {factor}, got {value}")

@@ -25,8 +25,8 @@ class Params:
     negative_prompt: str = ""
     steps: int = 25
     guidance_scale: float = 7.5
-    width: int = 64
-    height: int = 64
+    width: int | None = None  # None: the model's native size (Components.side)
+    height: int | None = None
     num_images: int = 1
 
 
@@ -42,14 +42,16 @@ def run(
     """Generate `params.num_images` images for `params.prompt`."""
     # 1. Check inputs
     factor = components.vae_scale
-    for name, value in (("width", params.width), ("height", params.height)):
+    for name, value in (("width", components.side(params.width)), ("height", components.side(params.height))):
         if value % factor:
             raise ValueError(f"{name} must be a multiple of {factor}, got {value}")
     if params.steps < 1:
         raise ValueError(f"steps must be at least 1, got {params.steps}")
     check_prompt(components.tokenizer, params.prompt)
     check_prompt(components.tokenizer, params.negative_prompt, "negative_prompt")
-    with control_inputs(components, inputs or {}, params.width, params.height) as control:
+    with control_inputs(
+        components, inputs or {}, components.side(params.width), components.side(params.height)
+    ) as control:
         return _generate(components, params, generator, callback, control)
 
 
@@ -70,7 +72,12 @@ def _generate(
     # 3. Prepare timesteps and initial noise
     scheduler = components.ddim()
     scheduler.set_timesteps(params.steps, device=components.device)
-    shape = (batch, components.unet.config.in_channels, params.height // factor, params.width // factor)
+    shape = (
+        batch,
+        components.unet.config.in_channels,
+        components.side(params.height) // factor,
+        components.side(params.width) // factor,
+    )
     latents = randn(shape, generator, components.device, components.dtype) * scheduler.init_noise_sigma
 
     # 4. Denoise

@@ -9,6 +9,8 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from api.catalog import list_models
+from store.settings import Settings
+from tests.conftest import ZOO_MODEL, make_tenant
 from tests.control_models import SDXL, SDXL_INDEX, SDXL_SCHEDULER, SDXL_UNET, SDXL_VAE, write_configs
 
 SD_INDEX = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}
@@ -73,3 +75,24 @@ def test_text_to_image_on_sdxl_is_422_naming_the_model(client: TestClient, auth:
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["details"] == [{"field": "model", "message": f"{SDXL} lacks text-to-image needed by text-to-image"}]
+
+
+def test_an_image_size_left_out_is_the_models_native_one(settings: Settings, tmp_path: Path) -> None:
+    """Text-to-image without `width`/`height` on an SD 1.5-shaped model makes (and records) 512x512, its native
+    size, not a size fitted to the bundled zoo model; given sizes are kept."""
+    from api.main import create_app
+
+    write_configs(tmp_path / "sd15", SD_INDEX, SD_UNET, SD_VAE, SD1_SCHEDULER)
+    (tmp_path / "sd15" / "tokenizer").symlink_to(ZOO_MODEL / "tokenizer", target_is_directory=True)
+    _, key = make_tenant(settings)
+    auth = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(settings.model_copy(update={"models_dir": tmp_path}))) as client:
+        made = client.post(
+            "/v1/generations/text-to-image", json={"prompt": "a red circle", "model": "sd15"}, headers=auth
+        )
+        assert made.status_code == 201, made.text
+        assert (made.json()["params"]["width"], made.json()["params"]["height"]) == (512, 512)
+        given = {"prompt": "a red circle", "model": "sd15", "width": 256, "height": 384}
+        kept = client.post("/v1/generations/text-to-image", json=given, headers=auth)
+        assert kept.status_code == 201, kept.text
+        assert (kept.json()["params"]["width"], kept.json()["params"]["height"]) == (256, 384)
