@@ -74,6 +74,7 @@ def over_http(http: httpx.Client, file_id: str, seed: int, long_poll: bool = Tru
     body = {"image": file_id, "prompt": "a large blue square at the center", "strength": STRENGTH, "steps": STEPS}
     started = time.perf_counter()
     job = http.post("/v1/edits/sdedit", json={**body, "seed": seed}).json()
+    submitted = time.perf_counter() - started
     while job["state"] not in ("succeeded", "failed", "canceled"):
         if long_poll:
             job = http.get(f"/v1/jobs/{job['id']}", params={"wait": 30}).json()
@@ -91,19 +92,21 @@ def over_http(http: httpx.Client, file_id: str, seed: int, long_poll: bool = Tru
             "worker_s": job["run_seconds"],
             "method_s": job["metrics"]["method_seconds"],
             "total_s": elapsed,
+            "submit_s": submitted,
+            "after_end_s": elapsed - submitted - job["queued_seconds"] - job["run_seconds"],
         }
     )
     return elapsed
 
 
-def _hammer(base: str, headers: dict[str, str], job_id: str, counts: Any, index: int) -> None:
+def _hammer(base: str, headers: dict[str, str], path: str, counts: Any, index: int) -> None:
     """One polling client: the standard library's keep-alive HTTP connection, not httpx, whose own CPU time per
     request (about as much as the API's) would be taken from the two cores the API and Postgres share here."""
     host, port = base.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port))
 
     def poll() -> None:
-        connection.request("GET", f"/v1/jobs/{job_id}", headers=headers)
+        connection.request("GET", path, headers=headers)
         response = connection.getresponse()
         response.read()
         if response.status != 200:
@@ -117,11 +120,11 @@ def _hammer(base: str, headers: dict[str, str], job_id: str, counts: Any, index:
     connection.close()
 
 
-def poll_throughput(base: str, headers: dict[str, str], job_id: str, clients: int = 4) -> float:
-    """Status polls answered per second by the one API process, `clients` client processes polling one job."""
+def poll_throughput(base: str, headers: dict[str, str], path: str, clients: int = 4) -> float:
+    """Requests of `path` answered per second by the one API process, `clients` client processes asking."""
     counts = multiprocessing.Array("l", clients)
     processes = [
-        multiprocessing.Process(target=_hammer, args=(base, headers, job_id, counts, i)) for i in range(clients)
+        multiprocessing.Process(target=_hammer, args=(base, headers, path, counts, i)) for i in range(clients)
     ]
     for process in processes:
         process.start()
@@ -205,7 +208,8 @@ def main() -> None:
             http_times = [over_http(http, file_id, 2 + i) for i in range(N_JOBS)]
             polled_times = [over_http(http, file_id, 2 + i, long_poll=False) for i in range(N_JOBS)]
             last_job = http.get("/v1/jobs", params={"limit": 1}).json()["data"][0]["id"]
-        polls = poll_throughput(base, headers, last_job)
+        polls = poll_throughput(base, headers, f"/v1/jobs/{last_job}")
+        health = poll_throughput(base, headers, "/healthz")
     finally:
         if worker is not None:
             stop(worker)
@@ -233,6 +237,7 @@ def main() -> None:
         "cold_launch_to_first_result_s": round(cold, 2),
         "status_polls_per_s": round(polls, 1),
         "status_polls_target": 1000,
+        "healthz_per_s": round(health, 1),
         "breakdown_median_s": {k: round(statistics.median(b[k] for b in BREAKDOWN), 4) for k in BREAKDOWN[0]},
     }
     markdown = (
@@ -247,8 +252,13 @@ def main() -> None:
         f"| cold start: worker launch -> ready | {ready:.1f} s |\n"
         f"| cold start: first job (submit -> terminal) | {first:.2f} s |\n"
         f"| status polls per second (4 client processes, target >= 1000) | {polls:.0f} |\n"
-        f"| breakdown (medians): submit -> claimed / claimed -> terminal / method in worker | "
-        + " / ".join(f"{data['breakdown_median_s'][k] * 1000:.0f} ms" for k in ("queued_s", "worker_s", "method_s"))
+        f"| the same clients on `/healthz` (no auth, no database: this machine's ceiling) | {health:.0f} |\n"
+        "| breakdown (medians): submit request / submitted -> claimed / claimed -> terminal / method in worker / "
+        "terminal -> client | "
+        + " / ".join(
+            f"{data['breakdown_median_s'][k] * 1000:.0f} ms"
+            for k in ("submit_s", "queued_s", "worker_s", "method_s", "after_end_s")
+        )
         + " |\n"
     )
     write_results(f"service-{data['database']}-{data['broker']}", data, markdown)
