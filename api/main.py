@@ -173,6 +173,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (jobs.router, files.router, adapters.router, catalog.router, admin.router, health.router):
         app.include_router(router)
 
+    # Innermost: a plain status poll is answered before FastAPI's routing, inside the metrics and the body limit.
+    status_route = next(
+        route
+        for route in jobs.router.routes
+        if getattr(route, "path", None) == "/v1/jobs/{job_id}" and "GET" in getattr(route, "methods", ())
+    )
+    app.add_middleware(jobs.StatusPolls, settings=settings, route=status_route)  # type: ignore[arg-type]
+
     # Added before count_requests, so it runs inside it: a body found too large while FastAPI reads it raises
     # _TooLarge straight into FastAPI (through count_requests' receive it would arrive in an ExceptionGroup, a 400).
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)  # type: ignore[arg-type]
