@@ -41,25 +41,32 @@ SD2_V_SCHEDULER: dict[str, Any] = {
 SD2_IMAGE_SIZE = 32  # pixels: a 16x16 latent through the two-level VAE
 
 
-def sd2_v_components(seed: int = 0) -> Components:
-    """A random SD 2.x-shaped v-prediction model (32x32 images) with the zoo's tokenizer, in float32 on the CPU."""
-    tokenizer = CLIPTokenizer.from_pretrained(ZOO_MODEL / "tokenizer")
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
+def text_model(
+    tokenizer: CLIPTokenizer, width: int, intermediate: int, layers: int, heads: int, act: str
+) -> CLIPTextModel:
+    """A random CLIP text encoder over the tokenizer's vocabulary and sequence length (seed it first)."""
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            projection_dim=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            hidden_size=width,
+            intermediate_size=intermediate,
+            projection_dim=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
             max_position_embeddings=tokenizer.model_max_length,
-            hidden_act="gelu",  # SD 2.x's OpenCLIP text tower
+            hidden_act=act,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+def sd2_v_components(seed: int = 0) -> Components:
+    """A random SD 2.x-shaped v-prediction model (32x32 images) with the zoo's tokenizer, in float32 on the CPU."""
+    tokenizer = CLIPTokenizer.from_pretrained(ZOO_MODEL / "tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = text_model(tokenizer, width=64, intermediate=128, layers=2, heads=2, act="gelu")  # OpenCLIP's
     unet = UNet2DConditionModel(
         sample_size=SD2_IMAGE_SIZE // 2,
         in_channels=4,
@@ -113,21 +120,8 @@ def sd1_components(seed: int = 0) -> Components:
     tokenizer = CLIPTokenizer.from_pretrained(ZOO_MODEL / "tokenizer")
     tokenizer.model_max_length = 77  # SD's sequence length (the zoo's ids fit in SD's table)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=768,  # SD 1.x's text width: its UNet cross-attends to 768-wide states
-            intermediate_size=256,
-            projection_dim=768,
-            num_hidden_layers=1,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",  # OpenAI CLIP's, as SD 1.x's text encoder
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    # SD 1.x's text width (its UNet cross-attends to 768-wide states) and OpenAI CLIP's activation
+    text_encoder = text_model(tokenizer, width=768, intermediate=256, layers=1, heads=12, act="quick_gelu")
     unet = UNet2DConditionModel(
         sample_size=SD1_IMAGE_SIZE // 8,
         in_channels=4,

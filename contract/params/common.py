@@ -5,7 +5,7 @@ Numbers are `StrictInt` / `StrictFloat`: JSON `true` is not 1 and `"25"` is not 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
@@ -198,6 +198,12 @@ ClassWord = Annotated[
 
 NATIVE_SIZE = " Default: the model's native resolution (`sample_size` in `GET /v1/models`)."
 """The end of an image size field's description: left out, the API fills in the model's own size."""
+
+
+def image_side(description: str, limit: int = 2048) -> Any:
+    """An image side's field (`width`, `height`): a multiple of 8 up to `limit` pixels, or left out (None) for the
+    model's native size."""
+    return Field(default=None, ge=8, le=limit, multiple_of=8, description=description + NATIVE_SIZE)
 ADAPTER_NAME_FIELD = "name"
 """The request field that names the adapter a job produces, in the registry: the worker reads it when it stores
 the adapter; the method never sees it."""

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
-from contract.params.common import NATIVE_SIZE, GuidanceScale, JobRequest, Prompt, Steps
+from contract.params.common import GuidanceScale, JobRequest, Prompt, Steps, image_side
 from contract.spec import IMAGE_FIELD_MARK, MethodSpec
 
 Word = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^\S+$", description="One word of a prompt.")]
@@ -93,20 +93,8 @@ class PromptToPromptRequest(JobRequest):
     )
     steps: Steps = 25
     guidance_scale: GuidanceScale = 7.5
-    width: StrictInt | None = Field(
-        default=None,
-        ge=8,
-        le=2048,
-        multiple_of=8,
-        description="Width of a generated pair (no image)." + NATIVE_SIZE,
-    )
-    height: StrictInt | None = Field(
-        default=None,
-        ge=8,
-        le=2048,
-        multiple_of=8,
-        description="Height of a generated pair (no image)." + NATIVE_SIZE,
-    )
+    width: StrictInt | None = image_side("Width of a generated pair (no image).")
+    height: StrictInt | None = image_side("Height of a generated pair (no image).")
 
     @model_validator(mode="after")
     def _words_belong_to_prompts(self) -> PromptToPromptRequest:

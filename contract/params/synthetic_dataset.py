@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
-from contract.params.common import NATIVE_SIZE, GuidanceScale, JobRequest, NegativePrompt, Prompt, Steps
+from contract.params.common import GuidanceScale, JobRequest, NegativePrompt, Prompt, Steps, image_side
 from contract.params.diffusion_classifier import MAX_CLASSES, MAX_SAMPLES, MAX_STAGES, check_keep, check_samples
 from contract.spec import MethodSpec
 
@@ -53,20 +53,8 @@ class SyntheticDatasetRequest(JobRequest):
     steps: Steps = 25
     guidance_scale: GuidanceScale = 7.5
     negative_prompt: NegativePrompt = ""
-    width: StrictInt | None = Field(
-        default=None,
-        ge=8,
-        le=1024,
-        multiple_of=8,
-        description="Image width." + NATIVE_SIZE,
-    )
-    height: StrictInt | None = Field(
-        default=None,
-        ge=8,
-        le=1024,
-        multiple_of=8,
-        description="Image height." + NATIVE_SIZE,
-    )
+    width: StrictInt | None = image_side("Image width.", 1024)
+    height: StrictInt | None = image_side("Image height.", 1024)
     batch_size: StrictInt = Field(default=8, ge=1, le=64, description="Images denoised together.")
     pseudo_label: bool = Field(
         default=False,

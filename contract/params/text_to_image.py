@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field, StrictInt
 
-from contract.params.common import NATIVE_SIZE, ControlledRequest, GuidanceScale, NegativePrompt, Prompt, Steps
+from contract.params.common import ControlledRequest, GuidanceScale, NegativePrompt, Prompt, Steps, image_side
 from contract.spec import MethodSpec
 
 
@@ -44,20 +44,8 @@ class TextToImageRequest(ControlledRequest):
     negative_prompt: NegativePrompt = ""
     steps: Steps = 25
     guidance_scale: GuidanceScale = 7.5
-    width: StrictInt | None = Field(
-        default=None,
-        ge=8,
-        le=2048,
-        multiple_of=8,
-        description="Image width in pixels." + NATIVE_SIZE,
-    )
-    height: StrictInt | None = Field(
-        default=None,
-        ge=8,
-        le=2048,
-        multiple_of=8,
-        description="Image height in pixels." + NATIVE_SIZE,
-    )
+    width: StrictInt | None = image_side("Image width in pixels.")
+    height: StrictInt | None = image_side("Image height in pixels.")
     num_images: StrictInt = Field(default=1, ge=1, le=8, description="Images to generate for the prompt.")
 
 
