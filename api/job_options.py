@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.catalog import control_misfit, find_control, find_model, model_for
 from api.errors import invalid, not_found
+from api.schemas import ModelOut
 from api.webhook_targets import check_callback_url
 from contract.params.common import AdapterRef, ControlledRequest, JobRequest
 from contract.spec import MethodSpec
@@ -31,9 +32,10 @@ class JobOptions:
     callback_url: str | None = None
     controls: list[dict[str, Any]] = field(default_factory=list)  # ControlRef dumps; conditions still as sent
     grounding: dict[str, Any] | None = None  # {"boxes": [{"phrase", "box"}], "fraction"}
+    sample_size: int | None = None  # the model's native image size (not stored: it fills the sizes left out)
 
 
-def resolve_model(spec: MethodSpec, name: str | None, settings: Settings) -> str:
+def resolve_model(spec: MethodSpec, name: str | None, settings: Settings) -> ModelOut:
     """The base model must exist and be able to run this method (unnamed: the default, or one that can)."""
     model_name = name or model_for(settings.models_dir, settings.default_model, spec.requires)
     model = find_model(settings.models_dir, model_name, settings.default_model)
@@ -42,7 +44,7 @@ def resolve_model(spec: MethodSpec, name: str | None, settings: Settings) -> str
     missing = [c for c in spec.requires if c not in model.capabilities]
     if missing:
         raise invalid("model", f"{model_name} lacks {', '.join(missing)} needed by {spec.kind}")
-    return model_name
+    return model
 
 
 def resolve_adapters(session: Session, tenant_id: str, refs: list[AdapterRef], model_name: str) -> list[dict[str, Any]]:
@@ -116,10 +118,12 @@ def resolve_options(
     spec: MethodSpec, request: JobRequest, tenant_id: str, session: Session, settings: Settings
 ) -> JobOptions:
     """The request's job options checked and resolved (a 422 or 404 names the field at fault)."""
-    model = resolve_model(spec, request.model, settings)
+    found = resolve_model(spec, request.model, settings)
+    model = found.name
     check_callback_url(request.callback_url, settings)
     return JobOptions(
         model=model,
+        sample_size=found.sample_size,
         seed=request.seed,
         adapters=resolve_adapters(session, tenant_id, request.adapters, model),
         callback_url=str(request.callback_url) if request.callback_url else None,

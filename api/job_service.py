@@ -14,7 +14,6 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.catalog import find_model
 from api.errors import ApiError, invalid, not_found
 from api.images import CheckedImage, check_image, decode_base64
 from api.job_options import JobOptions, resolve_options
@@ -99,7 +98,7 @@ def create_job(
     options = resolve_options(spec, request, tenant.id, session, settings)
     # 2. The images: existing file ids are checked; base64 is validated (stored in step 3).
     params: dict[str, Any] = request.method_params()
-    _native_size_defaults(params, options.model, settings)
+    _native_size_defaults(params, options.sample_size)
     images = resolve_images(_image_refs(spec, params) + _condition_refs(options), tenant.id, session, settings)
     _check_same_size(spec, images.sizes)
     _check_condition_sizes(spec, params, options, images.sizes)
@@ -122,16 +121,12 @@ def create_job(
     return job, True
 
 
-def _native_size_defaults(params: dict[str, Any], model: str, settings: Settings) -> None:
+def _native_size_defaults(params: dict[str, Any], sample_size: int | None) -> None:
     """An image size left out (`width`, `height`: None) becomes the model's native one (its `sample_size` in the
     catalog), so that the job records the size it makes and the checks below see it."""
-    if not any(params.get(side, 0) is None for side in ("width", "height")):
-        return
-    found = find_model(settings.models_dir, model, settings.default_model)
-    if found is not None and found.sample_size:
-        for side in ("width", "height"):
-            if side in params and params[side] is None:
-                params[side] = found.sample_size
+    for side in ("width", "height"):
+        if sample_size and side in params and params[side] is None:
+            params[side] = sample_size
 
 
 def _image_refs(spec: MethodSpec, params: dict[str, Any]) -> list[ImageRef]:

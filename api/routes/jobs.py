@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy import Row
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -159,13 +160,11 @@ class StatusPolls:
 
 
 def _bearer(scope: Scope) -> HTTPAuthorizationCredentials | None:
-    """The `Authorization: Bearer <key>` credentials, as `api.deps.bearer` reads them; None without."""
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            scheme, _, key = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and key:
-                return HTTPAuthorizationCredentials(scheme=scheme, credentials=key)
-    return None
+    """The `Authorization: Bearer <key>` credentials, parsed as `api.deps.bearer` (FastAPI's HTTPBearer) parses
+    them; None without."""
+    header = dict(scope.get("headers", ())).get(b"authorization")
+    scheme, key = get_authorization_scheme_param(header.decode("latin-1") if header else None)
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=key) if scheme.lower() == "bearer" and key else None
 
 
 def _poll(

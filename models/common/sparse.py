@@ -377,7 +377,7 @@ class SparseConv2d(nn.Module):
             return output  # type: ignore[no-any-return]
         conv = self.conv
         if len(region.tokens) == region.height * region.width:
-            return self.conv(inputs.contiguous())  # type: ignore[no-any-return]
+            return conv(inputs.contiguous())  # type: ignore[no-any-return]
         plan = self.plan(region, (inputs.shape[2], inputs.shape[3]))
         if isinstance(plan, BoxPlan):
             output[:, :, plan.top : plan.bottom, plan.left : plan.right] = F.conv2d(

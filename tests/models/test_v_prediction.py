@@ -35,6 +35,7 @@ from models.generation import text_to_image
 from models.personalization import custom_diffusion, dreambooth, lora, perfusion
 from models.personalization import textual_inversion as ti
 from models.personalization.training import noise_prediction_loss
+from tests.control_models import stock_pipeline
 from tests.families import SD2_IMAGE_SIZE, SD2_V_SCHEDULER
 from zoo.train_ip2p import eight_channel_unet
 
@@ -120,12 +121,8 @@ def test_text_to_image_matches_the_stock_pipeline(sd2v: Components) -> None:
     of the model's config within 1/255; read as an eps model, the same weights give another image."""
     params = text_to_image.Params(PROMPT, steps=6, guidance_scale=5.0, width=SIZE, height=SIZE)
     ours = text_to_image.run(sd2v, params, generator=gen(3)).images[0]
-    pipe = StableDiffusionPipeline(
-        vae=sd2v.vae, text_encoder=sd2v.text_encoder, tokenizer=sd2v.tokenizer, unet=sd2v.unet,
-        scheduler=DDIMScheduler.from_config(SD2_V_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stock_pipeline(StableDiffusionPipeline, sd2v)
+    pipe.scheduler = DDIMScheduler.from_config(SD2_V_SCHEDULER)  # the config as the model ships it, not ours
     theirs = pipe(
         PROMPT, height=SIZE, width=SIZE, num_inference_steps=6, guidance_scale=5.0,
         latents=torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=gen(3)),
@@ -322,12 +319,8 @@ def test_instruct_pix2pix_on_v_matches_the_stock_pipeline(sd2v: Components, imag
     ip2p = dataclasses.replace(sd2v, unet=unet)
     params = instruct_pix2pix.Params("make the circle blue", steps=4, guidance_scale=5.0, image_guidance_scale=1.7)
     ours = instruct_pix2pix.run(ip2p, params, {"image": image}, generator=gen(4)).images[0]
-    pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=ip2p.vae, text_encoder=ip2p.text_encoder, tokenizer=ip2p.tokenizer, unet=ip2p.unet,
-        scheduler=DDIMScheduler.from_config(SD2_V_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stock_pipeline(StableDiffusionInstructPix2PixPipeline, ip2p)
+    pipe.scheduler = DDIMScheduler.from_config(SD2_V_SCHEDULER)  # the config as the model ships it, not ours
     theirs = pipe(
         params.instruction, image=image, num_inference_steps=params.steps, guidance_scale=params.guidance_scale,
         image_guidance_scale=params.image_guidance_scale, latents=torch.randn(1, 4, SIZE // 2, SIZE // 2,
