@@ -9,7 +9,6 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from contract.webhook_targets import Allowlist, TargetRefused, TargetUnresolved, check_target, public
@@ -17,6 +16,7 @@ from store.db import session_scope
 from store.settings import Settings
 from store.tables import Job, JobState, utcnow
 from tests.conftest import WEBHOOK_SECRET, free_port
+from tests.service.test_execution import add_job
 
 NOWHERE: dict[str, list[str]] = {}
 
@@ -126,16 +126,17 @@ def receiver() -> Iterator[str]:
 
 
 @pytest.fixture()
-def hooked_job(client: TestClient, auth: dict[str, str], settings: Settings, receiver: str) -> Iterator[str]:
-    """A job the API accepted with a callback on 127.0.0.1 (allowlisted in the test environment), ended as
-    canceled so that a worker later in the session neither runs it nor calls back."""
-    body = {"prompt": "a red circle", "steps": 2, "callback_url": receiver}
-    created = client.post("/v1/generations/text-to-image", json=body, headers=auth)
-    assert created.status_code == 201, created.text
-    job_id = str(created.json()["id"])
+def hooked_job(settings: Settings, tenant: tuple[str, str], receiver: str) -> Iterator[str]:
+    """A job with a callback on 127.0.0.1 (allowlisted in the test environment), already canceled and never
+    published: a worker alive in the session (started by another test) neither runs it nor calls back, which a job
+    submitted through the API and canceled afterwards could not promise (its message could reach that worker first,
+    and a worker that finds a job already ended sends its webhook)."""
+    job_id = add_job(settings, tenant[0], "text-to-image", {"prompt": "a red circle", "steps": 2})
     with session_scope(settings.database_url) as session:
         now = utcnow()
-        session.execute(update(Job).where(Job.id == job_id).values(state=JobState.canceled, finished_at=now))
+        session.execute(
+            update(Job).where(Job.id == job_id).values(state=JobState.canceled, finished_at=now, callback_url=receiver)
+        )
     yield job_id
     with session_scope(settings.database_url) as session:
         session.execute(update(Job).where(Job.id == job_id).values(webhook_delivered_at=utcnow()))
