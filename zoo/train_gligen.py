@@ -57,6 +57,8 @@ class GligenTrainParams:
     gate: float = 0.0  # see gligen_variant
     box_weight: float = 0.0  # > 0: the loss counts latent cells inside the objects' boxes 1 + box_weight times
     high_noise: float = 0.0  # share of timesteps drawn from the noisier half, where the layout is decided
+    contrast: float = 0.0  # > 0: weight of the contrastive term (see contrastive_term)
+    contrast_margin: float = 0.1  # the share by which the boxes must lower the error inside them
 
 
 @dataclass
@@ -97,6 +99,26 @@ def box_cells(boxes: torch.Tensor, masks: torch.Tensor, size: int) -> torch.Tens
     inside_y = (centres[None, None] >= boxes[..., 1:2]) & (centres[None, None] < boxes[..., 3:4])
     cells = inside_y[..., :, None] & inside_x[..., None, :] & (masks[..., None, None] > 0)  # (B, N, size, size)
     return cells.any(dim=1, keepdim=True).float()
+
+
+def contrastive_term(
+    with_boxes: torch.Tensor, without_boxes: torch.Tensor, cells: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """A loss only the boxes can lower: per sample, relu(log e_with - log e_without + log(1 / (1 - margin))), where
+    e_* is the mean squared error inside the objects' boxes with the grounding given and with it masked out (the
+    same noisy input). It is zero once the boxes lower the error inside them by `margin`; the error without boxes
+    is kept honest by the plain loss on that pass too, so the term cannot be met by predicting worse without them.
+
+    with_boxes, without_boxes: (B, C, h, w) squared errors; cells: (B, 1, h, w) from `box_cells`. Samples with no
+    boxed cell (grounding dropped) count zero."""
+    area = cells.sum(dim=(1, 2, 3)) * with_boxes.shape[1]
+    present = area > 0
+    if not present.any():
+        return with_boxes.new_zeros(())
+    e_with = (with_boxes * cells).sum(dim=(1, 2, 3))[present] / area[present]
+    e_without = (without_boxes * cells).sum(dim=(1, 2, 3))[present] / area[present]
+    gap = torch.log(e_with + 1e-8) - torch.log(e_without + 1e-8) - float(np.log(1.0 - margin))
+    return torch.relu(gap).sum() / len(with_boxes)
 
 
 def gligen_variant(unet: UNet2DConditionModel, gate: float = 0.0) -> UNet2DConditionModel:
@@ -161,6 +183,7 @@ def train_gligen(base: Path, out: Path, work: Path, params: GligenTrainParams, r
 
     # 3. Train
     rng = loop.numpy_rng
+    contrast_sum = 0.0
     for step in range(loop.start, params.steps):
         index = torch.from_numpy(rng.integers(0, params.n_scenes, params.batch_size))
         positionless = torch.from_numpy(rng.random(params.batch_size) < params.positionless_fraction)
@@ -176,10 +199,23 @@ def train_gligen(base: Path, out: Path, work: Path, params: GligenTrainParams, r
         }
         prediction = gligen(noisy, timesteps, embeds, cross_attention_kwargs={"gligen": grounding}).sample
         error = (prediction - noise).pow(2)
+        cells = box_cells(grounding["boxes"], grounding["masks"], error.shape[-1])
+        contrast = None
+        if params.contrast > 0:
+            ungrounded = grounding | {"masks": torch.zeros_like(grounding["masks"])}
+            without = gligen(noisy, timesteps, embeds, cross_attention_kwargs={"gligen": ungrounded}).sample
+            error_without = (without - noise).pow(2)
+            contrast = contrastive_term(error, error_without, cells, params.contrast_margin)
         if params.box_weight > 0:
-            weight = 1 + params.box_weight * box_cells(grounding["boxes"], grounding["masks"], error.shape[-1])
+            weight = 1 + params.box_weight * cells
             error = error * (weight / weight.mean(dim=(2, 3), keepdim=True))
         loss = error.mean()
+        if contrast is not None:
+            loss = loss + error_without.mean() + params.contrast * contrast
+            contrast_sum += contrast.item()
+            if (step + 1) % 50 == 0:
+                logger.info("step %d contrastive term %.4f", step + 1, contrast_sum / 50)
+                contrast_sum = 0.0
         loop.step(step, loss, lambda: {"unet": gligen.state_dict()})
 
     # 4. Save a full model folder: the base's other parts, the GLIGEN UNet
@@ -210,6 +246,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--gate", type=float, default=GligenTrainParams.gate, help="initial gate (see gligen_variant)")
     parser.add_argument("--box-weight", type=float, default=0.0, help="extra loss weight inside the boxes")
     parser.add_argument("--high-noise", type=float, default=0.0, help="share of t from the noisier half")
+    parser.add_argument("--contrast", type=float, default=0.0, help="weight of the contrastive term")
+    parser.add_argument("--contrast-margin", type=float, default=GligenTrainParams.contrast_margin)
     parser.add_argument("--positionless", type=float, default=GligenTrainParams.positionless_fraction)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
@@ -225,6 +263,8 @@ def main(argv: list[str]) -> None:
         box_weight=args.box_weight,
         high_noise=args.high_noise,
         positionless_fraction=args.positionless,
+        contrast=args.contrast,
+        contrast_margin=args.contrast_margin,
     )
     train_gligen(Path(args.base), Path(args.out), Path(args.work), params, args.resume)
 
