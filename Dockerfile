@@ -32,6 +32,10 @@ COPY requirements.lock ./
 RUN python -m pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu124 torch==2.13.0 \
  && grep -v '^torch==' requirements.lock > requirements.worker \
  && python -m pip install --no-cache-dir -r requirements.worker
+# xformers for ATELIER_ATTENTION=xformers, on the GPU image only (requirements.lock, which the tests and the CPU use,
+# does not have it). Pinned, and without its dependencies, so that it cannot replace the CUDA torch above; 0.0.35
+# asks for torch>=2.10. A worker started with ATELIER_ATTENTION=xformers where it does not import refuses to start.
+RUN python -m pip install --no-cache-dir --no-deps xformers==0.0.35
 COPY . .
 ENV ATELIER_MODELS_DIR=/models ATELIER_DEVICE=cuda ATELIER_DTYPE=fp16 ATELIER_ATTENTION=sdpa
 CMD ["python", "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "inference", "-c", "1", "--pool", "prefork", "--loglevel", "INFO"]

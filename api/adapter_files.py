@@ -4,7 +4,8 @@ The file must parse as safetensors (`safetensors.deserialize`: a pickle, a trunc
 hold finite float tensors only (NaN or Inf weights would make black images; read as bits with numpy), and fit the
 named base model: LoRA pairs A (r, in) / B (out, r) for linear layers the model has (shapes read from the model's
 own safetensors headers), a textual-inversion embedding (n, D) with the text encoder's width D and a token the
-tokenizer does not know. Nothing here loads weights into memory as objects that could run code; `torch.load` is
+tokenizer does not know (for SDXL: `clip_l` (n, D1) and `clip_g` (n, D2), one per text encoder, and the token given
+beside the file). Nothing here loads weights into memory as objects that could run code; `torch.load` is
 never used anywhere in Atelier.
 """
 
@@ -32,7 +33,8 @@ EXPONENT_BITS = {  # dtype -> (its bits as an unsigned little-endian integer, th
 MAX_TENSORS = 4096
 MAX_VECTORS = 8
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-LORA_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder"}  # key prefix -> model subfolder
+LORA_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}  # -> subfolder
+SDXL_EMBEDDING = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}  # an SDXL embedding's tensors -> subfolder
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ def finite(dtype: str, data: bytes | bytearray) -> bool:
 
 
 def check_lora(data: bytes, model_folder: Path, token: str, field: str = "file") -> CheckedAdapter:
-    """A LoRA file in diffusers' layout (unet.* / text_encoder.* lora_A, lora_B) that fits the model's layers."""
+    """A LoRA file in diffusers' layout (unet.* / text_encoder.* / SDXL's text_encoder_2.* lora_A, lora_B) that
+    fits the model's layers."""
     tensors, metadata = parse(data, field)
     shapes = {prefix: model_shapes(model_folder, folder) for prefix, folder in LORA_PREFIXES.items()}
     modules: dict[tuple[str, str], dict[str, list[int]]] = {}
@@ -109,7 +112,9 @@ def check_lora(data: bytes, model_folder: Path, token: str, field: str = "file")
         prefix, _, rest = name.partition(".")
         suffix = next((s for s in LORA_SUFFIXES if rest.endswith(s)), None)
         if prefix not in LORA_PREFIXES or suffix is None:
-            raise invalid(field, f"tensor {name!r} is not a LoRA weight (unet.* or text_encoder.* lora_A/lora_B)")
+            raise invalid(
+                field, f"tensor {name!r} is not a LoRA weight (unet.*, text_encoder.* or text_encoder_2.* lora_A/B)"
+            )
         modules.setdefault((prefix, rest[: -len(suffix)]), {})[suffix[1:7]] = shape
     for (prefix, module), pair in modules.items():
         where = f"{prefix}.{module}"
@@ -132,9 +137,13 @@ def check_lora(data: bytes, model_folder: Path, token: str, field: str = "file")
     return CheckedAdapter(tokens=[token] if token else [], metadata=metadata, tensors=len(tensors))
 
 
-def check_textual_inversion(data: bytes, model_folder: Path, field: str = "file") -> CheckedAdapter:
-    """One tensor named after its token, (n, D) or (D,), D the text encoder's width, the token new to the model."""
+def check_textual_inversion(data: bytes, model_folder: Path, field: str = "file", token: str = "") -> CheckedAdapter:
+    """One tensor named after its token, (n, D) or (D,), D the text encoder's width, the token new to the model;
+    for an SDXL model, `clip_l` and `clip_g` tensors (one per text encoder) and the `token` given beside the file."""
     tensors, metadata = parse(data, field)
+    sdxl = (model_folder / "text_encoder_2").is_dir()
+    if sdxl or set(tensors) == set(SDXL_EMBEDDING):
+        return _check_sdxl_embedding(tensors, metadata, model_folder, sdxl, field, token)
     if len(tensors) != 1:
         raise invalid(
             field, f"a textual-inversion file holds one tensor named after its token, this one {len(tensors)}"
@@ -142,26 +151,61 @@ def check_textual_inversion(data: bytes, model_folder: Path, field: str = "file"
     token, (_, shape) = next(iter(tensors.items()))
     if not token or any(c.isspace() for c in token) or len(token) > 40:
         raise invalid(field, f"the tensor name {token!r} must be the token: one word of at most 40 characters")
+    _check_rows(shape, _embedding_width(model_folder, "text_encoder", field), field)
+    _check_new_token(token, model_folder, field)
+    return CheckedAdapter(tokens=[token], metadata=metadata, tensors=1)
+
+
+def _check_sdxl_embedding(
+    tensors: dict[str, tuple[str, list[int]]],
+    metadata: dict[str, str],
+    model_folder: Path,
+    sdxl: bool,
+    field: str,
+    token: str,
+) -> CheckedAdapter:
+    """An SDXL embedding: `clip_l` (n, D1) and `clip_g` (n, D2) for an SDXL base model, its token given."""
+    if not sdxl:
+        raise invalid(field, "an SDXL embedding (clip_l, clip_g) needs an SDXL base model")
+    if set(tensors) != set(SDXL_EMBEDDING):
+        raise invalid(
+            field, f"an SDXL textual-inversion file holds tensors clip_l and clip_g, this one {sorted(tensors)}"
+        )
+    if not token:
+        raise invalid("token", "an SDXL embedding's file names no token: give it as `token`")
+    rows = {_check_rows(tensors[key][1], _embedding_width(model_folder, sub, field), field) for key, sub in
+            SDXL_EMBEDDING.items()}  # fmt: skip
+    if len(rows) != 1:
+        raise invalid(field, "clip_l and clip_g must hold the same number of vectors")
+    _check_new_token(token, model_folder, field)
+    return CheckedAdapter(tokens=[token], metadata=metadata, tensors=2)
+
+
+def _embedding_width(model_folder: Path, subfolder: str, field: str) -> int:
+    """The width D of a text encoder's token embedding (V, D), from its safetensors headers."""
     embedding = next(
-        (
-            s
-            for name, s in model_shapes(model_folder, "text_encoder").items()
-            if name.endswith("token_embedding.weight")
-        ),
+        (s for name, s in model_shapes(model_folder, subfolder).items() if name.endswith("token_embedding.weight")),
         None,
     )
     if embedding is None or len(embedding) != 2:
-        raise invalid(field, "the base model's text encoder has no token embedding to check against")
-    width = embedding[1]
+        raise invalid(field, f"the base model's {subfolder} has no token embedding to check against")
+    return embedding[1]
+
+
+def _check_rows(shape: list[int], width: int, field: str) -> int:
+    """An embedding's (n, D) or (D,) fits a text encoder of width D; returns n."""
     rows = shape if len(shape) == 2 else [1, *shape]
     if len(rows) != 2 or rows[1] != width or not 1 <= rows[0] <= MAX_VECTORS:
         raise invalid(
             field, f"embedding shape {shape} does not fit: expected (n, {width}) with 1 <= n <= {MAX_VECTORS}"
         )
+    return rows[0]
+
+
+def _check_new_token(token: str, model_folder: Path, field: str) -> None:
     vocabulary = _vocabulary(model_folder)
     if token in vocabulary or f"{token}</w>" in vocabulary:
         raise invalid(field, f"token {token!r} is already a word of the base model")
-    return CheckedAdapter(tokens=[token], metadata=metadata, tensors=1)
 
 
 def _vocabulary(model_folder: Path) -> set[str]:

@@ -1,5 +1,6 @@
-"""Models on disk, read as JSON (no torch): diffusers-format base model folders (a `model_index.json`) and control
-model folders (a `config.json` of a `ControlNetModel` or `T2IAdapter`) under the models directory."""
+"""Models on disk, read as JSON (no torch): diffusers-format base model folders (a `model_index.json`), single-file
+checkpoints (`<name>.safetensors`, api/checkpoint_catalog.py) and control model folders (a `config.json` of a
+`ControlNetModel` or `T2IAdapter`) under the models directory."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from api.schemas import ModelKind, ModelOut
+from contract.registry import methods
 from contract.spec import ModelCapability
 
 CONTROL_CLASSES: dict[str, ModelKind] = {"ControlNetModel": "controlnet", "T2IAdapter": "t2i-adapter"}
@@ -66,10 +68,9 @@ def is_sdxl(index: dict[str, Any], unet: dict[str, Any]) -> bool:
     return "text_encoder_2" in index or unet.get("addition_embed_type") == "text_time"
 
 
-def _capabilities(index: dict[str, Any], unet: dict[str, Any]) -> list[ModelCapability]:
-    """What the methods can run on the model; none for SDXL (the worker loads one text encoder and no added
-    conditioning, so every SDXL UNet call would fail)."""
-    if not unet or is_sdxl(index, unet):
+def _capabilities(unet: dict[str, Any]) -> list[ModelCapability]:
+    """What the model's UNet can do; which methods run on its family is the methods' own `families`."""
+    if not unet:
         return []
     in_channels = unet.get("in_channels")
     capabilities: list[ModelCapability] = ["unet"]
@@ -84,6 +85,15 @@ def _capabilities(index: dict[str, Any], unet: dict[str, Any]) -> list[ModelCapa
     return capabilities
 
 
+def runnable(family_name: str, capabilities: list[ModelCapability]) -> list[str]:
+    """The job kinds that run on a base model of this family with these capabilities."""
+    return [
+        kind
+        for kind, spec in methods().items()
+        if family_name in spec.families and all(c in capabilities for c in spec.requires)
+    ]
+
+
 def describe(folder: Path, default_name: str) -> ModelOut:
     index = _read_json(folder / "model_index.json")
     unet = _read_json(folder / "unet" / "config.json")
@@ -94,12 +104,15 @@ def describe(folder: Path, default_name: str) -> ModelOut:
     blocks = vae.get("block_out_channels")
     factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) else None
     prediction = scheduler.get("prediction_type")
+    family_name = "sdxl" if is_sdxl(index, unet) else family(unet)
+    capabilities = _capabilities(unet)
     return ModelOut(
         name=folder.name,
-        family="sdxl" if is_sdxl(index, unet) else family(unet),
+        family=family_name,
         default=folder.name == default_name,
         pipeline=str(index.get("_class_name")) if index else None,
-        capabilities=_capabilities(index, unet),
+        capabilities=capabilities,
+        methods=runnable(family_name, capabilities),
         unet_in_channels=in_channels if isinstance(in_channels, int) else None,
         sample_size=sample * factor if isinstance(sample, int) and factor else None,
         prediction_type=prediction if isinstance(prediction, str) else "epsilon",
@@ -134,8 +147,11 @@ def list_models(models_dir: Path, default_name: str) -> list[ModelOut]:
     """Every base model (the default first), then every control model, each by name."""
     if not models_dir.is_dir():
         return []
+    from api.checkpoint_catalog import checkpoint_models  # it builds on this module's rules
+
     folders = sorted(p for p in models_dir.iterdir() if p.is_dir())
     bases = [describe(p, default_name) for p in folders if _is_base(p)]
+    bases += checkpoint_models(models_dir, default_name, {p.name for p in folders})
     controls = [describe_control(p, kind) for p in folders if (kind := _control_kind(p)) is not None]
     return sorted(bases, key=lambda m: (not m.default, m.name)) + controls
 
@@ -147,9 +163,13 @@ def _folder(models_dir: Path, name: str) -> Path | None:
 
 
 def find_model(models_dir: Path, name: str, default_name: str) -> ModelOut | None:
-    """A base model by name."""
+    """A base model by name: a folder, else a single-file checkpoint `<name>.safetensors`."""
+    from api.checkpoint_catalog import find_checkpoint_model  # it builds on this module's rules
+
     folder = _folder(models_dir, name)
-    return describe(folder, default_name) if folder is not None and _is_base(folder) else None
+    if folder is not None and _is_base(folder):
+        return describe(folder, default_name)
+    return find_checkpoint_model(models_dir, name, default_name) if folder is not None and not folder.is_dir() else None
 
 
 def find_control(models_dir: Path, name: str) -> ModelOut | None:
@@ -167,6 +187,8 @@ def control_misfit(models_dir: Path, control: str, base: str) -> str | None:
     """Why control model `control` cannot run on base model `base` (both exist), or None when it fits: a ControlNet
     must copy the UNet's encoder structure, a T2I-Adapter must give one feature map per encoder level with its
     channels."""
+    if not (models_dir / base).is_dir():
+        return "controls on single-file base models are not supported yet (their fit is read from a folder's configs)"
     unet = _read_json(models_dir / base / "unet" / "config.json")
     config = _read_json(models_dir / control / "config.json")
     if config.get("_class_name") == "T2IAdapter":
@@ -182,10 +204,19 @@ def control_misfit(models_dir: Path, control: str, base: str) -> str | None:
     return None
 
 
-def model_for(models_dir: Path, default_name: str, requires: tuple[ModelCapability, ...]) -> str:
+def sdxl_misfit(models_dir: Path, base: str) -> str | None:
+    """Why no control model runs on base model `base` yet: SDXL's (the controls' code passes no added
+    conditioning and is untested on SDXL); None for other families."""
+    index = _read_json(models_dir / base / "model_index.json")
+    unet = _read_json(models_dir / base / "unet" / "config.json")
+    return "controls on SDXL base models are not supported yet" if is_sdxl(index, unet) else None
+
+
+def model_for(models_dir: Path, default_name: str, kind: str) -> str:
     """The model a job runs on when it names none: the default, or else the first model (default first, then by
-    name) that has every capability the method requires; the default when none has them (the caller's 422)."""
+    name) that runs the method (its family, and every capability it requires); the default when none does (the
+    caller's 422)."""
     for model in list_models(models_dir, default_name):
-        if model.kind == "base" and all(c in model.capabilities for c in requires):
+        if model.kind == "base" and kind in model.methods:
             return model.name
     return default_name

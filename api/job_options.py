@@ -12,7 +12,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.catalog import control_misfit, find_control, find_model, model_for
+from api.catalog import control_misfit, find_control, find_model, model_for, sdxl_misfit
+from api.checkpoint_catalog import refusal
 from api.errors import invalid, not_found
 from api.schemas import ModelOut
 from api.webhook_targets import check_callback_url
@@ -37,10 +38,19 @@ class JobOptions:
 
 def resolve_model(spec: MethodSpec, name: str | None, settings: Settings) -> ModelOut:
     """The base model must exist and be able to run this method (unnamed: the default, or one that can)."""
-    model_name = name or model_for(settings.models_dir, settings.default_model, spec.requires)
+    model_name = name or model_for(settings.models_dir, settings.default_model, spec.kind)
+    refused = refusal(settings.models_dir, model_name)
+    if refused is not None:
+        raise invalid("model", refused)
     model = find_model(settings.models_dir, model_name, settings.default_model)
     if model is None:
         raise not_found("model", model_name)
+    if model.family not in spec.families:
+        raise invalid(
+            "model",
+            f"{model_name} is a {model.family} model; {spec.kind} runs on {', '.join(spec.families)} models only "
+            f"(GET /v1/models lists each model's methods)",
+        )
     missing = [c for c in spec.requires if c not in model.capabilities]
     if missing:
         raise invalid("model", f"{model_name} lacks {', '.join(missing)} needed by {spec.kind}")
@@ -83,7 +93,9 @@ def resolve_controls(request: JobRequest, model_name: str, settings: Settings) -
         control = find_control(settings.models_dir, ref.model)
         if control is None:
             raise invalid(name, f"control model {ref.model!r} not found (GET /v1/models lists them)")
-        misfit = control_misfit(settings.models_dir, ref.model, model_name)
+        misfit = sdxl_misfit(settings.models_dir, model_name) or control_misfit(
+            settings.models_dir, ref.model, model_name
+        )
         if misfit is not None:
             family = base.family if base is not None else "unknown"
             raise invalid(

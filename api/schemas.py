@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from contract.jobs import JobOut
-from contract.spec import ModelCapability, Queue
+from contract.spec import Family, ModelCapability, Queue
 from store.tables import StoredFile
 
 
@@ -52,6 +52,7 @@ class MethodOut(BaseModel):
     queue: Queue
     backbones: list[str]
     requires: list[ModelCapability]
+    families: list[Family] = Field(description="The base model families it runs on (`family` in GET /v1/models).")
     paper: str
     image_fields: list[str]
     image_list_fields: list[str] = Field(description="Fields that take a list of images.")
@@ -80,6 +81,11 @@ class ModelOut(BaseModel):
     default: bool
     pipeline: str | None
     capabilities: list[ModelCapability]
+    methods: list[str] = Field(
+        default_factory=list,
+        description="The job kinds that run on it (its family's, whose capabilities it has); empty for a control "
+        "model. Any other job naming it is a 422.",
+    )
     unet_in_channels: int | None
     sample_size: int | None = Field(description="Native image size in pixels.")
     prediction_type: str | None = Field(

@@ -16,6 +16,13 @@ ModelCapability = Literal["unet", "text-to-image", "instruct-pix2pix", "cross-at
 """What a base model can do (`GET /v1/models`); a method `requires` some of them. `gligen`: its UNet has GLIGEN's
 gated self-attention layers, so jobs on it take `grounding`."""
 
+Family = Literal["sd1", "sd2", "sdxl", "custom"]
+"""A base model's architecture (`GET /v1/models`): Stable Diffusion 1.x, 2.x, XL, or another UNet (the zoo's)."""
+SD_FAMILIES: tuple[Family, ...] = ("sd1", "sd2", "custom")
+"""The families with one text encoder and no added conditioning: every method runs on them."""
+WITH_SDXL: tuple[Family, ...] = (*SD_FAMILIES, "sdxl")
+"""Those and SDXL (two text encoders, added text-time conditioning): the methods that pass SDXL's conditioning."""
+
 AdapterUse = Literal["install", "inputs", "none"]
 """What a job does with its `adapters`: `install` them on the base model while the method runs (most methods);
 hand them to the method as `inputs["adapters"]`, installing nothing (a merge job reads them); or accept `none`
@@ -36,6 +43,8 @@ class MethodSpec:
     queue: Queue = "inference"
     backbones: tuple[str, ...] = ("unet",)
     requires: tuple[ModelCapability, ...] = ()  # capabilities the base model must have
+    families: tuple[Family, ...] = SD_FAMILIES
+    """The base model families the method runs on; a job on a model of another family is a 422."""
     paper: str = ""
     adapters: AdapterUse = "install"
     resumable: bool = False

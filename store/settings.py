@@ -43,7 +43,31 @@ class Settings(BaseSettings):
     default_model: str = "shapes-sd-tiny"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    attention: Literal["sdpa", "xformers"] = "sdpa"
+    attention: Literal["sdpa", "xformers"] = Field(
+        default="sdpa",
+        description="The UNet's attention: PyTorch's scaled dot-product attention, or xformers' memory-efficient "
+        "attention (the GPU image installs it; a worker without it refuses to start).",
+    )
+    vae_tiling: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="on: the VAE decodes a batch one image at a time and an image larger than the model's native size "
+        "from overlapping tiles of that size (encodes likewise), so large images fit in less memory; off: whole "
+        "images; auto: on with a CUDA device, off on the CPU.",
+    )
+    cpu_offload: Literal["off", "model"] = Field(
+        default="off",
+        description="model: the text encoder(s), UNet and VAE rest in CPU memory and each is moved to the GPU only "
+        "while a job uses it (training jobs move the whole model for the job); the model cache's budget then counts "
+        "CPU memory. Needs a CUDA device (a CPU worker refuses to start with it).",
+    )
+    compile: Literal["off", "unet"] = Field(
+        default="off",
+        description="unet: torch.compile the UNet when a model is loaded (the first job at each image size pays the "
+        "compilation; training jobs run it uncompiled). Not with ATELIER_CPU_OFFLOAD=model.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        default="default", description="torch.compile's mode with ATELIER_COMPILE=unet."
+    )
     allow_downloads: bool = False
     torch_threads: int = Field(
         default=1,
@@ -56,7 +80,8 @@ class Settings(BaseSettings):
         ge=0,
         description="Per worker process: the most bytes of model weights (base and control models) kept loaded; "
         "the least recently used are dropped to stay within it (0: no limit). Size it to the device's memory less "
-        "what jobs and the activation cache need: an SD 1.5 model is about 2.1 GB in fp16, SDXL about 7 GB.",
+        "what jobs and the activation cache need: an SD 1.5 model is about 2.1 GB in fp16, SDXL about 7 GB. With "
+        "ATELIER_CPU_OFFLOAD=model base models rest in CPU memory: size it to that.",
     )
     activation_cache_bytes: int = Field(
         default=2 * 1024**3,

@@ -2,7 +2,7 @@
 of the zoo UNet, each with random weights where training would have put some (the zero convolutions, the gates),
 so that a control visibly steers the output. `write_test_models` saves them in diffusers' format beside the zoo's
 base models, as a server's models directory holds them, with an SDXL folder of configs only (no weights) for the
-catalog."""
+catalog and a tiny SDXL-shaped model with weights (tests/families.py) for the worker."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ ADAPTER = "test-t2i-adapter-sketch"
 GLIGEN = "test-sd-gligen"
 OTHER_FAMILY = "test-controlnet-other-family"
 SDXL = "test-sdxl-configs"
+SDXL_TINY = "test-sdxl-tiny"
 
 # Stable Diffusion XL 1.0 base's configs (the parts the catalog reads), as stabilityai/stable-diffusion-xl-base-1.0
 # ships them.
@@ -116,7 +117,7 @@ def gligen_unet(unet: UNet2DConditionModel, seed: int) -> UNet2DConditionModel:
 
 def write_test_models(zoo: Path, base: str, out: Path) -> None:
     """Link the zoo's models (base and control) into `out` and save the test control models there, built on
-    `base`, and the SDXL configs."""
+    `base`, the SDXL configs and the tiny SDXL model."""
     out.mkdir(parents=True, exist_ok=True)
     for folder in sorted(zoo.iterdir()):
         if (folder / "model_index.json").is_file() or (folder / "atelier.json").is_file():
@@ -137,6 +138,9 @@ def write_test_models(zoo: Path, base: str, out: Path) -> None:
             (gligen / part.name).symlink_to(part.resolve(), target_is_directory=part.is_dir())
     gligen_unet(unet, seed=7).save_pretrained(gligen / "unet")
     write_configs(out / SDXL, SDXL_INDEX, SDXL_UNET, SDXL_VAE, SDXL_SCHEDULER)
+    from tests.families import save_sdxl_folder, sdxl_components
+
+    save_sdxl_folder(sdxl_components(seed=0), out / SDXL_TINY)
 
 
 def stock_pipeline(pipeline_class: type[Any], components: Components, **extra: Any) -> Any:

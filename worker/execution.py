@@ -5,6 +5,7 @@ This is the worker's whole logic; `worker/tasks.py` only hands it a job id.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -42,6 +43,7 @@ from store.retry import DatabaseUnavailable, in_session, retrying
 from store.settings import Settings
 from store.tables import Job, JobState, Tenant
 from worker.controls import job_controls
+from worker.memory import forget_frames, job_memory, release_memory
 from worker.owners import current_owner, owner_is_dead
 from worker.runners import ClassImageRunner, ResumableRunner, Runner, load_runner, method_params
 from worker.runtime import AdapterCache, ModelCache
@@ -308,6 +310,7 @@ class Prepared:
     adapters: list[tuple[Adapter, float]]  # installed on the base model while the method runs
     checkpoints: ArtifactCheckpoints | None  # where a resumable method keeps its last checkpoint
     conditions: dict[str, Image.Image] = field(default_factory=dict)  # control conditions as used, for the outputs
+    training: bool = False  # a training-queue method: run with the whole model on the device, memory released after
 
 
 @dataclass
@@ -339,6 +342,8 @@ def execute_job(ctx: WorkerContext, job_id: str, node: str | None = None) -> Run
     beat.start()
     try:  # the lease is renewed until the end is written
         ending = _attempt(ctx, job, spec, beat)  # 2-4: load, run, write outputs
+        if spec.queue == "training":  # nothing of the job is referenced any more: return its memory
+            log.info("job %s: memory after training %s", job_id, release_memory(ctx.cache.policy.device))
         if ending is None:
             log.warning("job %s: lease lost, leaving it to its new owner", job_id)
             return "lease_lost"
@@ -393,12 +398,15 @@ def _attempt(ctx: WorkerContext, job: Job, spec: MethodSpec, beat: Heartbeat) ->
         return Ending(JobState.failed, "invalid_input", str(exc))
     except DatabaseUnavailable as exc:  # its message names the operation, never SQL
         log.exception("job %s: the database failed through the retries", job.id)
+        forget_frames(exc)  # the log record keeps the traceback, not the method's tensors
         return Ending(JobState.failed, "database_unavailable", str(exc))
     except StorageUnavailable as exc:  # its message names the operation, never a path
         log.exception("job %s: artifact store failed", job.id)
+        forget_frames(exc)
         return Ending(JobState.failed, "storage_unavailable", str(exc))
     except Exception as exc:
         log.exception("job %s failed", job.id)
+        forget_frames(exc)
         return Ending(JobState.failed, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
     metrics = {
         **output.metrics,
@@ -423,7 +431,8 @@ def _prepare(ctx: WorkerContext, job: Job, spec: MethodSpec) -> Prepared:
     inputs.update(controls.inputs)
     params = method_params(runner, job.params)
     if spec.class_images:
-        inputs.update(_class_images(ctx, job, cast(ClassImageRunner, runner), params, components))
+        with _memory(ctx, components, training=False):
+            inputs.update(_class_images(ctx, job, cast(ClassImageRunner, runner), params, components))
     if spec.adapters == "inputs":  # e.g. a merge job: the method reads them, nothing is installed
         inputs["adapters"], adapters, identities = adapters, [], []
     # The process's activation cache, for every job: a method that can reuse activations across jobs (region-edit)
@@ -432,7 +441,15 @@ def _prepare(ctx: WorkerContext, job: Job, spec: MethodSpec) -> Prepared:
     checkpoints = None
     if spec.resumable:  # a resumed attempt finds the last checkpoint
         checkpoints = ArtifactCheckpoints(ctx.artifacts, checkpoint_key(job.tenant_id, job.id))
-    return Prepared(runner, components, params, inputs, adapters, checkpoints, controls.conditions)
+    training = spec.queue == "training"
+    return Prepared(runner, components, params, inputs, adapters, checkpoints, controls.conditions, training)
+
+
+def _memory(ctx: WorkerContext, components: Components, training: bool) -> contextlib.AbstractContextManager[None]:
+    """The worker's memory settings for one job on `components` (worker/memory.py): CPU offload, and a training
+    job's uncompiled UNet."""
+    policy = ctx.cache.policy
+    return job_memory(components, offload=policy.cpu_offload, device=policy.device, training=training)
 
 
 def _run_method(ctx: WorkerContext, job: Job, prepared: Prepared, beat: Heartbeat) -> tuple[MethodOutput, float]:
@@ -443,7 +460,7 @@ def _run_method(ctx: WorkerContext, job: Job, prepared: Prepared, beat: Heartbea
     reporter = StepReporter(ctx, job.id, beat)
     components, params, inputs = prepared.components, prepared.params, prepared.inputs
     started = time.perf_counter()
-    with applied(components, prepared.adapters):
+    with _memory(ctx, components, prepared.training), applied(components, prepared.adapters):
         if prepared.checkpoints is not None:
             resumable = cast(ResumableRunner, prepared.runner)
             output = resumable.run(

@@ -14,12 +14,13 @@ from typing import TypeAlias
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from models.common.activation_cache import tensor_bytes
 from models.common.components import Components
 from models.personalization.common import Adapter
 from store.settings import Settings
+from worker.memory import prepare
 
 log = logging.getLogger("atelier.worker")
 
@@ -28,10 +29,21 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 @dataclass(frozen=True)
 class DevicePolicy:
+    """How a worker runs models: its device and dtype, attention, and the memory settings (worker/memory.py)."""
+
     device: torch.device
     dtype: torch.dtype
     attention: str
     threads: int = 0
+    vae_tiling: str = "auto"  # auto | on | off
+    cpu_offload: bool = False  # base models rest on the CPU; each module moves to `device` while used
+    compile: str = "off"  # off | unet
+    compile_mode: str = "default"
+
+    @property
+    def weights_device(self) -> torch.device:
+        """Where a base model's weights rest between uses: the CPU with offload, else the device."""
+        return torch.device("cpu") if self.cpu_offload else self.device
 
 
 def device_policy(settings: Settings) -> DevicePolicy:
@@ -46,9 +58,41 @@ def device_policy(settings: Settings) -> DevicePolicy:
         dtype = DTYPES[settings.dtype]
     if not use_cuda and dtype == torch.float16:
         raise RuntimeError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    if settings.cpu_offload == "model" and settings.compile != "off":
+        raise RuntimeError(
+            "ATELIER_COMPILE=unet and ATELIER_CPU_OFFLOAD=model do not go together: the offload hooks installed for "
+            "each job would make torch.compile recompile the UNet for every job; choose one"
+        )
+    if settings.cpu_offload == "model" and not use_cuda:
+        raise RuntimeError(
+            "ATELIER_CPU_OFFLOAD=model offloads a CUDA device's models to the CPU; this worker has no CUDA device "
+            "(set ATELIER_CPU_OFFLOAD=off)"
+        )
+    if settings.attention == "xformers":
+        require_xformers()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    return DevicePolicy(device=device, dtype=dtype, attention=settings.attention, threads=torch.get_num_threads())
+    return DevicePolicy(
+        device=device,
+        dtype=dtype,
+        attention=settings.attention,
+        threads=torch.get_num_threads(),
+        vae_tiling=settings.vae_tiling,
+        cpu_offload=settings.cpu_offload == "model",
+        compile=settings.compile,
+        compile_mode=settings.compile_mode,
+    )
+
+
+def require_xformers() -> None:
+    """RuntimeError, at the worker's start, when ATELIER_ATTENTION=xformers but xformers cannot be imported."""
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            f"ATELIER_ATTENTION=xformers but xformers cannot be imported ({exc}); install it (the GPU image has it) "
+            "or set ATELIER_ATTENTION=sdpa"
+        ) from exc
 
 
 def weights_variant(folder: Path) -> str | None:
@@ -59,7 +103,8 @@ def weights_variant(folder: Path) -> str | None:
 
 
 def load_components(folder: Path, policy: DevicePolicy, allow_downloads: bool = False) -> Components:
-    """Load a diffusers-format model folder (safetensors only, plain or fp16 variant) onto the policy's device."""
+    """Load a diffusers-format model folder (safetensors only, plain or fp16 variant) onto the policy's device;
+    an SDXL folder's second text encoder and tokenizer too (`text_encoder_2`, `tokenizer_2`)."""
     common = {"torch_dtype": policy.dtype, "use_safetensors": True, "local_files_only": not allow_downloads}
     unet = UNet2DConditionModel.from_pretrained(
         folder, subfolder="unet", variant=weights_variant(folder / "unet"), **common
@@ -69,20 +114,54 @@ def load_components(folder: Path, policy: DevicePolicy, allow_downloads: bool = 
         folder, subfolder="text_encoder", variant=weights_variant(folder / "text_encoder"), **common
     )
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=not allow_downloads)
+    text_encoder_2, tokenizer_2 = None, None
+    if (folder / "text_encoder_2").is_dir():
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            folder, subfolder="text_encoder_2", variant=weights_variant(folder / "text_encoder_2"), **common
+        )
+        tokenizer_2 = CLIPTokenizer.from_pretrained(
+            folder, subfolder="tokenizer_2", local_files_only=not allow_downloads
+        )
+    index = json.loads((folder / "model_index.json").read_text())
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    for module in (unet, vae, text_encoder):
-        module.to(policy.device)
+    components = Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        # StableDiffusionXLPipeline's default when the folder's index does not say
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", text_encoder_2 is not None)),
+    )
+    return place(components, policy)
+
+
+def place(components: Components, policy: DevicePolicy) -> Components:
+    """Put loaded components on the policy's device for inference: eval mode, no gradients, the chosen attention
+    (a folder's and a single file's alike)."""
+    modules = [components.unet, components.vae, components.text_encoder, components.text_encoder_2]
+    for module in modules:
+        if module is None:
+            continue
+        module.to(policy.weights_device)
         module.eval()
         module.requires_grad_(False)
     if policy.attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
+        components.unet.enable_xformers_memory_efficient_attention()
     else:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        unet.set_attn_processor(AttnProcessor2_0())
-    return Components(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config
+        components.unet.set_attn_processor(AttnProcessor2_0())
+    prepare(
+        components,
+        vae_tiling=policy.vae_tiling,
+        compile=policy.compile,
+        compile_mode=policy.compile_mode,
+        device=policy.device,
     )
+    return components
 
 
 CONTROL_CLASSES: dict[str, type[ControlNetModel] | type[T2IAdapter]] = {
@@ -112,8 +191,11 @@ def load_control(folder: Path, policy: DevicePolicy, allow_downloads: bool = Fal
 
 def model_bytes(model: Components | ControlNetModel | T2IAdapter) -> int:
     """Bytes of a loaded model's parameters and buffers (what it holds on its device)."""
-    modules = [model.unet, model.vae, model.text_encoder] if isinstance(model, Components) else [model]
-    return sum(tensor_bytes([*module.parameters(), *module.buffers()]) for module in modules)
+    if isinstance(model, Components):
+        modules = [model.unet, model.vae, model.text_encoder, model.text_encoder_2]
+    else:
+        modules = [model]
+    return sum(tensor_bytes([*module.parameters(), *module.buffers()]) for module in modules if module is not None)
 
 
 Loaded: TypeAlias = Components | ControlNetModel | T2IAdapter
@@ -163,10 +245,17 @@ class ModelCache:
         return model
 
     def get(self, name: str) -> Components:
+        """Base model `name`: a diffusers folder, else a single-file checkpoint `<name>.safetensors`."""
         folder = self.models_dir / name
-        if not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(f"base model {name!r} not found in {self.models_dir}")
-        model = self._get(("base", name), lambda: load_components(folder, self.policy, self.allow_downloads))
+        if (folder / "model_index.json").is_file():
+            model = self._get(("base", name), lambda: load_components(folder, self.policy, self.allow_downloads))
+        else:
+            from worker.single_file import find_checkpoint, load_checkpoint  # it builds on this module
+
+            model = self._get(
+                ("base", name),
+                lambda: load_checkpoint(find_checkpoint(self.models_dir, name), self.models_dir, self.policy),
+            )
         assert isinstance(model, Components)
         return model
 

@@ -135,13 +135,26 @@ def import_adapter(
     settings: SettingsDep,
     name: Annotated[str, Form(max_length=200, description="Name in the registry; default: the file name.")] = "",
     base_model: Annotated[str, Form(max_length=200, description="Base model it is for; default: the server's.")] = "",
-    token: Annotated[str, Form(max_length=40, description="LoRA only: the trigger word its prompts use.")] = "",
+    token: Annotated[
+        str,
+        Form(
+            max_length=40,
+            description="A LoRA's trigger word its prompts use; an SDXL textual-inversion file's (clip_l, clip_g) "
+            "token.",
+        ),
+    ] = "",
     class_word: Annotated[str, Form(max_length=100, description="The concept's class word, if any.")] = "",
 ) -> AdapterOut:
     """Import an external LoRA (diffusers layout) or textual-inversion embedding, validated against the base model."""
     model_name = base_model or settings.default_model
     if find_model(settings.models_dir, model_name, settings.default_model) is None:
         raise invalid("base_model", f"base model {model_name!r} not found")
+    if not (settings.models_dir / model_name).is_dir():  # a single-file checkpoint: no diffusers-named weights
+        raise invalid(
+            "base_model",
+            f"{model_name} is a single-file checkpoint: adapter files are checked against a diffusers folder's "
+            "layers, so import them for a diffusers folder of the same model",
+        )
     if token and any(c.isspace() for c in token):
         raise invalid("token", f"must be one word, got {token!r}")
     data = file.file.read()
@@ -149,7 +162,7 @@ def import_adapter(
     if type == "lora":
         checked = check_lora(data, folder, token)
     else:
-        checked = check_textual_inversion(data, folder)
+        checked = check_textual_inversion(data, folder, token=token)
     row = save_adapter(
         session,
         artifacts,

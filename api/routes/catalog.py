@@ -24,6 +24,7 @@ def get_methods(_: TenantDep) -> list[MethodOut]:
             queue=spec.queue,
             backbones=list(spec.backbones),
             requires=list(spec.requires),
+            families=list(spec.families),
             paper=spec.paper,
             image_fields=list(spec.image_fields),
             image_list_fields=list(spec.image_list_fields),

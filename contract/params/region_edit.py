@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field, StrictFloat, model_validator
 
 from contract.params.common import ControlledRequest, GuidanceScale, ImageRef, NegativePrompt, Prompt, Steps
-from contract.spec import MethodSpec
+from contract.spec import WITH_SDXL, MethodSpec
 
 
 class RegionEditRequest(ControlledRequest):
@@ -66,4 +66,5 @@ SPEC = MethodSpec(
     "Meng et al., SDEdit, ICLR 2022",
     same_size=(("mask", "image"),),
     control_size="image",
+    families=WITH_SDXL,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field, StrictFloat
 
 from contract.params.common import ControlledRequest, GuidanceScale, ImageRef, NegativePrompt, Prompt, Steps
-from contract.spec import MethodSpec
+from contract.spec import WITH_SDXL, MethodSpec
 
 
 class SDEditRequest(ControlledRequest):
@@ -52,5 +52,6 @@ SPEC = MethodSpec(
     request=SDEditRequest,
     runner="models.editing.sdedit",
     control_size="image",
+    families=WITH_SDXL,
     paper="Meng et al., SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations, ICLR 2022",
 )

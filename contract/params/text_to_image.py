@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field, StrictInt
 
 from contract.params.common import ControlledRequest, GuidanceScale, NegativePrompt, Prompt, Steps, image_side
-from contract.spec import MethodSpec
+from contract.spec import WITH_SDXL, MethodSpec
 
 
 class TextToImageRequest(ControlledRequest):
@@ -57,5 +57,6 @@ SPEC = MethodSpec(
     runner="models.generation.text_to_image",
     control_size=("width", "height"),
     requires=("text-to-image",),
+    families=WITH_SDXL,
     paper="Rombach et al., High-Resolution Image Synthesis with Latent Diffusion Models, CVPR 2022",
 )

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from models.common.devices import execution_device
 
 if TYPE_CHECKING:
     from models.personalization.common import Adapter
@@ -24,21 +26,34 @@ def no_progress(step: int, total: int) -> None:
 
 @dataclass
 class Components:
-    """A base model as loaded once per worker. Methods must leave it exactly as they found it."""
+    """A base model as loaded once per worker. Methods must leave it exactly as they found it.
+
+    SDXL adds a second text encoder (OpenCLIP bigG, with a projection) and its tokenizer; they are None for
+    SD 1.x/2.x. `force_zeros_for_empty_prompt` (SDXL's pipeline config): an empty negative prompt's embeddings are
+    zeros rather than the encoding of "" (models/common/text.py)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """Where the UNet computes (with CPU offload, its hook's device, while its weights rest on the CPU)."""
+        return execution_device(self.unet)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and a UNet with SDXL's added text-time conditioning."""
+        return self.text_encoder_2 is not None
 
     @property
     def vae_scale(self) -> int:

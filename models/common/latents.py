@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
@@ -30,19 +33,37 @@ def encode(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator 
 
     Uses the posterior mean when `generator` is None (deterministic), a sample otherwise.
     """
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    posterior = vae.encode(pixels).latent_dist
-    if generator is None:
-        latents = posterior.mean
-    else:
-        noise = randn(posterior.mean.shape, generator, vae.device, vae.dtype)
-        latents = posterior.mean + posterior.std * noise
-    return latents * vae.config.scaling_factor
+    dtype = vae.dtype
+    with vae_precision(vae) as compute:
+        posterior = vae.encode(pixels.to(device=vae.device, dtype=compute)).latent_dist
+        if generator is None:
+            latents = posterior.mean
+        else:
+            noise = randn(posterior.mean.shape, generator, vae.device, compute)
+            latents = posterior.mean + posterior.std * noise
+    return (latents * vae.config.scaling_factor).to(dtype)
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, 4, h, w) -> pixels (B, 3, h*f, w*f) in [-1, 1]."""
-    return vae.decode(latents / vae.config.scaling_factor).sample
+    with vae_precision(vae) as compute:
+        return vae.decode((latents / vae.config.scaling_factor).to(compute)).sample
+
+
+@contextmanager
+def vae_precision(vae: AutoencoderKL) -> Iterator[torch.dtype]:
+    """The dtype the VAE computes in for one call: float32 when it is held in float16 and its config says
+    `force_upcast` (SDXL's VAE overflows in float16 and decodes to NaN, black images; diffusers' SDXL pipelines
+    upcast it the same way), else its own. An upcast VAE goes back to float16 after the call, also on error."""
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if not upcast:
+        yield vae.dtype
+        return
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(torch.float16)
 
 
 def randn(

@@ -18,6 +18,27 @@ from models.control.inputs import ControlInputs
 UnetExtras = Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor, bool], dict[str, Any]]
 
 
+def combined(*extras: UnetExtras | None) -> UnetExtras | None:
+    """One `UnetExtras` giving every given one's keyword arguments (SDXL's added conditioning beside a control's
+    residuals); None when none is given. Two that give the same argument are an error, never a silent override."""
+    given = [item for item in extras if item is not None]
+    if len(given) < 2:
+        return given[0] if given else None
+
+    def merged(
+        latents: torch.Tensor, timestep: torch.Tensor | int, embeds: torch.Tensor, guided: bool
+    ) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        for item in given:
+            part = item(latents, timestep, embeds, guided)
+            if kwargs.keys() & part.keys():
+                raise ValueError(f"two UNet inputs both set {sorted(kwargs.keys() & part.keys())}")
+            kwargs |= part
+        return kwargs
+
+    return merged
+
+
 def guided_noise(
     unet: UNet2DConditionModel,
     latents: torch.Tensor,
@@ -30,7 +51,8 @@ def guided_noise(
     """eps = eps(z, c_empty) + w * (eps(z, c) - eps(z, c_empty)) (Ho & Salimans, 2022).
 
     latents: (B, C, h, w); cond, uncond: (B, L, D). With w == 1 or no uncond, one UNet pass. `extras` adds keyword
-    arguments to that pass computed from its own batch (ControlNet residuals).
+    arguments to that pass computed from its own batch (ControlNet residuals, SDXL's added conditioning; `combined`
+    joins several).
     The result is in the model's own parameterization: eps, or v for a v-prediction model (guidance is linear, so
     guiding v is guiding eps); hand it to a scheduler from `Components.ddim()`, which converts it inside `step`,
     or to `models.common.prediction.to_epsilon` (see that module).
@@ -55,9 +77,11 @@ def ddim_sample(
     guidance_scale: float,
     callback: ProgressCallback = no_progress,
     control: ControlInputs | None = None,
+    added: UnetExtras | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (B, C, h, w) through `timesteps` with deterministic DDIM (eta = 0), with `control`
-    (ControlNets, T2I-Adapters, GLIGEN grounding) adding its UNet arguments at the steps each covers.
+    (ControlNets, T2I-Adapters, GLIGEN grounding) adding its UNet arguments at the steps each covers, and `added`
+    (SDXL's added conditioning, `models.common.conditioning`) at every step.
     `scheduler` must have the model's prediction_type (`Components.ddim()`): it receives the UNet's raw output."""
     total = len(timesteps)
     for index, timestep in enumerate(timesteps):
@@ -66,7 +90,7 @@ def ddim_sample(
         if control:
             control.step(index, total)
             extras = partial(control.extras, index, total)
-        noise = guided_noise(unet, model_input, timestep, cond, uncond, guidance_scale, extras)
+        noise = guided_noise(unet, model_input, timestep, cond, uncond, guidance_scale, combined(added, extras))
         latents = scheduler.step(noise, timestep, latents).prev_sample
         callback(index + 1, total)
     return latents

@@ -18,10 +18,12 @@ so run it under `torch.no_grad()`). The engine's `mode` says which pass runs:
   writes its recomputed tiles into its kept output in place and returns it, so one record pass serves
   one sparse pass.
 
-What a record pass kept can be copied out (`SparseEngine.export_record`, after the record pass) and copied
-back in place of a later record pass (`import_record`, on an engine over the same UNet, for any mask): the
-kept outputs do not depend on the mask, the tile size or the margin. `models/editing/region_edit.py` keeps
-them across jobs this way (`models/common/activation_cache.py`).
+What a record pass kept can be handed out (`SparseEngine.share_record`, after the record pass) and stand in
+for a later record pass (`replay`, on an engine over the same UNet, for any mask): the kept outputs do not
+depend on the mask, the tile size or the margin. `models/editing/region_edit.py` keeps them across jobs this
+way (`models/common/activation_cache.py`). A shared recording is never copied: the sparse pass writes into it
+in place as always, noting each overwritten block's old values first, and `restore` puts them back after the
+pass, so a recording serves any number of passes while each pass copies only the cells it recomputes.
 
 What runs sparse, per resolution of the feature map (the latent mask max-pooled to it, grown by
 `dilation` cells, rounded up to `tile` x `tile` blocks):
@@ -59,7 +61,7 @@ once per image, which export / import makes possible across jobs.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -70,6 +72,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import nn
+
+from models.common.devices import execution_device
 
 Mode = Literal["record", "sparse"]
 Recording = list[list[Any]]
@@ -187,11 +191,11 @@ def gather_tiles(features: torch.Tensor, plan: TileGather) -> torch.Tensor:
     return blocks.view(-1, plan.window[0], plan.window[1], channels).permute(0, 3, 1, 2).contiguous()
 
 
-def scatter_tiles(output: torch.Tensor, tiles: torch.Tensor, plan: TileGather) -> None:
+def scatter_tiles(output: torch.Tensor, tiles: torch.Tensor, plan: TileGather, engine: SparseEngine) -> None:
     """Write computed tiles (B * n, C, t, t) into the channels-last `output` (B, C, H, W) in place."""
     batch, channels = output.shape[:2]
     rows = tiles.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, n * t * t, C)
-    output.permute(0, 2, 3, 1).view(batch, -1, channels).index_copy_(1, plan.target, rows)
+    engine.write_cells(output.permute(0, 2, 3, 1).view(batch, -1, channels), 1, plan.target, rows)
 
 
 class LayerCache:
@@ -233,6 +237,7 @@ class SparseEngine:
         self.mode: Mode = "record"
         self.caches: list[LayerCache] = []
         self._regions: dict[tuple[int, int], ActiveRegion] = {}
+        self._undo: list[Callable[[], Any]] | None = None  # while the kept outputs are shared: how to restore them
 
     def new_cache(self) -> LayerCache:
         cache = LayerCache()
@@ -262,36 +267,53 @@ class SparseEngine:
                 return self.region(*scaled)
         raise ValueError(f"no UNet resolution of a {height}x{width} latent has {count} tokens")
 
-    def export_record(self) -> Recording:
-        """Copies of what the last record pass kept, per wrapped layer in call order; call it after the record
-        pass and before the sparse pass (which overwrites the kept tensors in place). `import_record` on an
-        engine installed on the same UNet with the same call sequence replays them, for any mask."""
+    def share_record(self) -> Recording:
+        """What the last record pass kept, per wrapped layer in call order: the tensors themselves, not copies. Call
+        it after the record pass and before its sparse pass; the sparse pass then notes what it overwrites, and
+        `restore` after it returns the tensors to the record pass's values. `replay` on an engine installed on the
+        same UNet with the same call sequence uses them for any mask."""
         if self.mode != "record" or any(entry is None for cache in self.caches for entry in cache.entries):
-            raise RuntimeError("export_record must follow a record pass, before its sparse pass")
-        return [[_copy(entry) for entry in cache.entries] for cache in self.caches]
+            raise RuntimeError("share_record must follow a record pass, before its sparse pass")
+        self._undo = []
+        return [list(cache.entries) for cache in self.caches]
 
-    def import_record(self, recording: Recording) -> None:
-        """Stand in for a record pass: copies of `recording` (from `export_record`) become the kept outputs and
-        the mode becomes `sparse`. `recording` itself is never modified, so it can serve any number of passes."""
+    def replay(self, recording: Recording) -> None:
+        """Stand in for a record pass with `recording` (from `share_record`) and switch to `sparse`. The sparse pass
+        writes into the recording's tensors; call `restore` after it (also when it fails), which leaves
+        `recording` as it was, so that it serves any number of passes."""
         if len(recording) != len(self.caches):
             raise ValueError(
                 f"recording has {len(recording)} layers, this engine wraps {len(self.caches)} (another model?)"
             )
         for cache, entries in zip(self.caches, recording, strict=True):
-            cache.entries = [_copy(entry) for entry in entries]
+            cache.entries = list(entries)
+        self._undo = []
         self.set_mode("sparse")
 
+    def restore(self) -> None:
+        """Undo the sparse pass's writes into a shared recording, last first; nothing when none is shared."""
+        undo, self._undo = self._undo, None
+        for action in reversed(undo or []):
+            action()
+
+    def write_cells(self, target: torch.Tensor, dim: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`target.index_copy_(dim, index, values)`, the overwritten entries noted first when `target` is shared."""
+        if self._undo is not None:
+            kept = target.index_select(dim, index)
+            self._undo.append(lambda: target.index_copy_(dim, index, kept))
+        return target.index_copy_(dim, index, values)
+
+    def write_block(self, block: torch.Tensor, values: torch.Tensor) -> None:
+        """`block.copy_(values)` (a view into a kept output), its old values noted first when shared."""
+        if self._undo is not None:
+            kept = block.clone()
+            self._undo.append(lambda: block.copy_(kept))
+        block.copy_(values)
+
     def clear(self) -> None:
+        self.restore()
         for cache in self.caches:
             cache.entries.clear()
-
-
-def _copy(entry: Any) -> Any:
-    """A detached copy of a kept entry (a tensor or a tuple of tensors), in the same memory format: the sparse
-    pass scatters into conv outputs through their channels-last layout."""
-    if isinstance(entry, tuple):
-        return tuple(_copy(item) for item in entry)
-    return entry.detach().clone()
 
 
 @dataclass(frozen=True)
@@ -380,13 +402,14 @@ class SparseConv2d(nn.Module):
             return conv(inputs.contiguous())  # type: ignore[no-any-return]
         plan = self.plan(region, (inputs.shape[2], inputs.shape[3]))
         if isinstance(plan, BoxPlan):
-            output[:, :, plan.top : plan.bottom, plan.left : plan.right] = F.conv2d(
+            block = F.conv2d(
                 crop(inputs, plan.crop), conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups
             )
+            self.engine.write_block(output[:, :, plan.top : plan.bottom, plan.left : plan.right], block)
             return output  # type: ignore[no-any-return]
         blocks = gather_tiles(inputs, plan)
         tiles = F.conv2d(blocks, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
-        scatter_tiles(output, tiles, plan)
+        scatter_tiles(output, tiles, plan, self.engine)
         return output  # type: ignore[no-any-return]
 
 
@@ -451,7 +474,8 @@ class SparseTokens(nn.Module):
             return output
         output = self.cache.take()
         tokens = self.engine.region_for_tokens(hidden_states.shape[1]).cells
-        return output.index_copy_(1, tokens, self.module(hidden_states.index_select(1, tokens), *args, **kwargs))
+        recomputed = self.module(hidden_states.index_select(1, tokens), *args, **kwargs)
+        return self.engine.write_cells(output, 1, tokens, recomputed)
 
 
 def _attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -522,9 +546,9 @@ class SparseAttnProcessor:
         tokens = self.engine.region_for_tokens(hidden_states.shape[1]).cells
         active = hidden_states.index_select(1, tokens)  # (B, m, C)
         if self_attention:  # the edited tokens' keys and values changed; the others are the original's
-            key.index_copy_(1, tokens, attn.to_k(active))
-            value.index_copy_(1, tokens, attn.to_v(active))
-        return output.index_copy_(1, tokens, _attend(attn, attn.to_q(active), key, value))  # type: ignore[no-any-return]
+            self.engine.write_cells(key, 1, tokens, attn.to_k(active))
+            self.engine.write_cells(value, 1, tokens, attn.to_v(active))
+        return self.engine.write_cells(output, 1, tokens, _attend(attn, attn.to_q(active), key, value))
 
 
 def _wrap(module: nn.Module, engine: SparseEngine) -> nn.Module | None:
@@ -549,7 +573,7 @@ def sparse_inference(
     Usage per denoising step: `engine.set_mode("record")`, the UNet on the original's latent, then
     `engine.set_mode("sparse")`, the UNet on the edited latent (same batch, timestep and text).
     """
-    engine = SparseEngine(mask.to(unet.device), tile, dilation)
+    engine = SparseEngine(mask.to(execution_device(unet)), tile, dilation)
     saved_processors = unet.attn_processors
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:

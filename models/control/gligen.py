@@ -20,6 +20,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import GatedSelfAttentionDense
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from models.common.devices import execution_device
+
 MAX_OBJECTS = 30
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1, normalised to [0, 1]
 
@@ -88,7 +90,7 @@ def grounding_tokens(
 ) -> GroundingTokens:
     """Encode the phrases (pooled EOS states, (N, D)) and pad boxes, embeddings and masks to 30 objects.
     `width` is the UNet's cross-attention width D."""
-    device, dtype = text_encoder.device, text_encoder.dtype
+    device, dtype = execution_device(text_encoder), text_encoder.dtype
     ids = tokenizer(list(grounding.phrases), padding=True, return_tensors="pt").to(device)
     pooled = text_encoder(**ids).pooler_output  # (N, D)
     count = len(grounding.boxes)

@@ -18,9 +18,9 @@ The recorded activations do not depend on the mask, so they are reused across jo
 them once per original image: given `inputs["activation_cache"]` (a `CacheHandle`; the worker passes its
 process-wide cache to every job), a sparse job looks up its recording under `activation_key` (weights, image
 pixels, prompts, guidance, steps, strength, noise -- not the mask). On a hit it skips every record pass and the
-image's VAE encoding, and replays copies of the stored activations, with a result bit-identical to recording them
-again; on a miss it
-records as above and stores a copy when it ends, if the recording fits the budget. A follow-up edit of the
+image's VAE encoding, and replays the stored activations (the sparse pass writes into them and puts back what it
+overwrote, `SparseEngine.replay` / `restore`), with a result bit-identical to recording them again; on a miss it
+records as above and stores what it recorded when it ends, if the recording fits the budget. A follow-up edit of the
 same image with another mask, by the same worker process, is then only the sparse pass
 (docs/sparse-cache.md).
 
@@ -33,7 +33,8 @@ the edit's own effect with blocks of 4, 0.11-0.15 with 2, 0.23-0.28 with 1 (`tes
 the default.
 
 Implemented: the mask is white = edit (luminance > 127), a latent cell is edited when any of its pixels
-is, dilated by `dilation` cells; DDIM, classifier-free guidance; with `sparse=False`, the controls of
+is, dilated by `dilation` cells; DDIM, classifier-free guidance; SDXL's conditioning (`models/common/conditioning.py`)
+in the record and the edit passes; with `sparse=False`, the controls of
 `models/control/` (`inputs["controls"]`, `["t2i_adapters"]`, `["grounding"]`) steer the edit pass.
 `metrics` report the edit passes and the record passes separately (`unet_record_seconds`, 0 on a hit), the
 cache's answer (`activation_cache`: hit, miss, or off for a dense job, no cache or a budget of 0) and the
@@ -62,10 +63,11 @@ from PIL import Image
 
 from models.common.activation_cache import CacheHandle, cache_key, tensor_bytes
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
+from models.common.conditioning import encode_guided
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
-from models.common.sampling import guided_noise, start_timesteps
+from models.common.sampling import combined, guided_noise, start_timesteps
 from models.common.sparse import Recording, SparseEngine, sparse_inference
-from models.common.text import check_prompt, encode_prompts
+from models.common.text import check_prompt
 from models.control.inputs import ControlInputs, control_inputs
 
 
@@ -158,8 +160,8 @@ class _Reuse:
     """A job's use of the activation cache. An entry is `(clean, recordings)`: the original's latent (its VAE
     encoding, which the key's pixels and weights determine) and one recording per step. `stored`: on a hit, the
     recordings that replace the record passes, and `clean` the latent that replaces the encoding; `collected`: on a
-    miss, the copies taken after each record pass, stored with `clean` when the job ends, dropped as soon as the
-    whole recording is seen not to fit the budget. `nbytes`: the recording's size."""
+    miss, what each record pass kept (shared, restored after each sparse pass), stored with `clean` when the job
+    ends, dropped as soon as the whole recording is seen not to fit the budget. `nbytes`: the recording's size."""
 
     status: Literal["hit", "miss", "off"]
     steps: int
@@ -187,13 +189,13 @@ class _Reuse:
         return cls("miss", steps, handle, key, collected=[], latent_bytes=tensor_bytes(noise))
 
     def recorded(self, engine: SparseEngine) -> None:
-        """After a record pass (before its sparse pass): count its bytes; on a miss, keep a copy."""
+        """After a record pass (before its sparse pass): count its bytes; on a miss, keep what it kept."""
         step_bytes = tensor_bytes([cache.entries for cache in engine.caches])
         self.nbytes += step_bytes
         if self.collected is not None and self.handle is not None:
             # every step records the same shapes; the latent has the noise's shape and dtype
             if self.handle.cache.fits(step_bytes * self.steps + self.latent_bytes):
-                self.collected.append(engine.export_record())
+                self.collected.append(engine.share_record())
             else:
                 self.collected = None
 
@@ -270,9 +272,8 @@ def _edit(
     factor = components.vae_scale
 
     # 2. Encode the prompt; the job's one noise draw; the cache lookup; the image (unless the cache kept it)
-    cond = encode_prompts(components.text_encoder, components.tokenizer, [params.prompt])
-    uncond = encode_prompts(components.text_encoder, components.tokenizer, [params.negative_prompt])
     width, height = image.size
+    cond, uncond, added = encode_guided(components, [params.prompt], [params.negative_prompt], height, width)
     shape = (1, int(components.vae.config.latent_channels), height // factor, width // factor)
     noise = randn(shape, generator, components.device, components.dtype)
     scheduler = components.ddim()
@@ -297,12 +298,12 @@ def _edit(
             reference = scheduler.add_noise(clean, noise, timestep[None])  # q(z_t | z_0)
             latents = torch.where(inside, latents, reference)
             if engine is not None and reuse.stored is not None:  # a cache hit: the original's activations, kept
-                engine.import_record(reuse.stored[index])
+                engine.replay(reuse.stored[index])
             elif engine is not None:  # SIGE: the original's activations, then the sparse pass
                 started = time.perf_counter()
                 engine.set_mode("record")
                 reference_input = scheduler.scale_model_input(reference, timestep)
-                guided_noise(components.unet, reference_input, timestep, cond, uncond, params.guidance_scale)
+                guided_noise(components.unet, reference_input, timestep, cond, uncond, params.guidance_scale, added)
                 record_seconds += time.perf_counter() - started
                 reuse.recorded(engine)
                 engine.set_mode("sparse")
@@ -312,7 +313,13 @@ def _edit(
             if control:
                 control.step(index, len(timesteps))
                 extras = partial(control.extras, index, len(timesteps))
-            eps = guided_noise(components.unet, model_input, timestep, cond, uncond, params.guidance_scale, extras)
+            try:
+                eps = guided_noise(
+                    components.unet, model_input, timestep, cond, uncond, params.guidance_scale, combined(added, extras)
+                )
+            finally:  # a shared recording (a hit's, or a miss's being kept) gets back what the sparse pass overwrote
+                if engine is not None:
+                    engine.restore()
             edit_seconds += time.perf_counter() - started
             latents = scheduler.step(eps, timestep, latents).prev_sample
             callback(index + 1, len(timesteps))

@@ -8,6 +8,8 @@ and a cut-and-paste composite is harmonised (inputs of both: `models/shapes/stro
 the bench group `sdedit`). Editing inside a mask: `models/editing/region_edit.py`.
 ControlNets, T2I-Adapters and GLIGEN grounding in `inputs` (as in `models/generation/text_to_image.py`) steer the
 denoising from t0; a ControlNet's step range counts the steps actually run.
+On SDXL the prompt is encoded with both text encoders and the UNet gets SDXL's added conditioning
+(`models/common/conditioning.py`), as in diffusers' `StableDiffusionXLImg2ImgPipeline`.
 Not implemented: the paper's K-fold repetition of perturb-and-denoise (Algorithm 1 with K > 1).
 """
 
@@ -20,9 +22,10 @@ import torch
 from PIL import Image
 
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
+from models.common.conditioning import encode_guided
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
 from models.common.sampling import ddim_sample, start_timesteps
-from models.common.text import check_prompt, encode_prompts
+from models.common.text import check_prompt
 from models.control.inputs import ControlInputs, control_inputs
 
 
@@ -70,9 +73,10 @@ def _edit(
     control: ControlInputs,
 ) -> MethodOutput:
     """Steps 2-5 of `run`, inside its control context."""
-    # 2. Encode prompt and image
-    cond = encode_prompts(components.text_encoder, components.tokenizer, [params.prompt])
-    uncond = encode_prompts(components.text_encoder, components.tokenizer, [params.negative_prompt])
+    # 2. Encode prompt (and SDXL's added conditioning) and image
+    cond, uncond, added = encode_guided(
+        components, [params.prompt], [params.negative_prompt], image.height, image.width
+    )
     clean = encode(components.vae, images_to_tensor([image]))
 
     # 3. Perturb to t0 (SDEdit, eq. 2: x(t0) = x + sigma(t0) * z)
@@ -84,7 +88,7 @@ def _edit(
 
     # 4. Denoise from t0
     latents = ddim_sample(
-        components.unet, scheduler, latents, timesteps, cond, uncond, params.guidance_scale, callback, control
+        components.unet, scheduler, latents, timesteps, cond, uncond, params.guidance_scale, callback, control, added
     )
 
     # 5. Decode

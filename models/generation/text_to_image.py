@@ -1,6 +1,7 @@
 """Text-to-image with latent diffusion (Rombach et al., CVPR 2022) and DDIM sampling.
 
-Implemented: classifier-free guidance, negative prompt, several images per prompt, ControlNets
+Implemented: classifier-free guidance, negative prompt, several images per prompt, SDXL's two text encoders and
+added conditioning (`models/common/conditioning.py`), ControlNets
 (`inputs["controls"]`, see `models/control/controlnet.py`) and T2I-Adapters (`inputs["t2i_adapters"]`,
 `models/control/adapter.py`) and GLIGEN grounding (`inputs["grounding"]`, `models/control/gligen.py`).
 Not implemented: other samplers, img2img (see `models/editing/sdedit.py`).
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
+from models.common.conditioning import encode_guided
 from models.common.latents import decode, randn, tensor_to_images
 from models.common.sampling import ddim_sample
-from models.common.text import check_prompt, encode_prompts
+from models.common.text import check_prompt
 from models.control.inputs import ControlInputs, control_inputs
 
 
@@ -64,20 +66,17 @@ def _generate(
 ) -> MethodOutput:
     """Steps 2-5 of `run`, inside its control context."""
     factor = components.vae_scale
-    # 2. Encode prompts
+    # 2. Encode prompts (and SDXL's added conditioning)
     batch = params.num_images
-    cond = encode_prompts(components.text_encoder, components.tokenizer, [params.prompt] * batch)
-    uncond = encode_prompts(components.text_encoder, components.tokenizer, [params.negative_prompt] * batch)
+    height, width = components.side(params.height), components.side(params.width)
+    cond, uncond, added = encode_guided(
+        components, [params.prompt] * batch, [params.negative_prompt] * batch, height, width
+    )
 
     # 3. Prepare timesteps and initial noise
     scheduler = components.ddim()
     scheduler.set_timesteps(params.steps, device=components.device)
-    shape = (
-        batch,
-        components.unet.config.in_channels,
-        components.side(params.height) // factor,
-        components.side(params.width) // factor,
-    )
+    shape = (batch, components.unet.config.in_channels, height // factor, width // factor)
     latents = randn(shape, generator, components.device, components.dtype) * scheduler.init_noise_sigma
 
     # 4. Denoise
@@ -91,6 +90,7 @@ def _generate(
         params.guidance_scale,
         callback,
         control,
+        added,
     )
 
     # 5. Decode

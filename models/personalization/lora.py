@@ -9,7 +9,8 @@ the token S* is plain text the tokenizer splits, no embedding is added).
 peft injects the low-rank layers into the shared modules for the length of training (and of `apply`), and a finally
 puts the original `nn.Linear` modules back, so the base weights are never written.
 File format: diffusers' (`pipeline.load_lora_weights`): keys "unet.<module>.lora_A.weight" / ".lora_B.weight" and
-"text_encoder.<...>", with alpha / r folded into B so any loader applies it at scale 1.
+"text_encoder.<...>", with alpha / r folded into B so any loader applies it at scale 1. An SDXL LoRA (applied, not
+trained here) may also hold "text_encoder_2.<...>" keys for the second text encoder.
 Not implemented: LoRA on convolutions or feed-forward layers, DoRA and other peft variants.
 """
 
@@ -43,7 +44,7 @@ from models.personalization.training import (
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-PREFIXES = ("unet", "text_encoder")
+PREFIXES = ("unet", "text_encoder", "text_encoder_2")  # what a file may hold; training writes the first two
 _names = itertools.count()
 
 
@@ -75,7 +76,9 @@ def check_params(params: Params, images: list[Image.Image]) -> None:
 
 
 def _modules(components: Components, prefix: str) -> torch.nn.Module:
-    module: torch.nn.Module = getattr(components, prefix)
+    module: torch.nn.Module | None = getattr(components, prefix)
+    if module is None:
+        raise ValueError(f"the LoRA has {prefix}.* weights but the model has no {prefix}")
     return module
 
 
@@ -147,7 +150,7 @@ def run(
     # 2. Encode the training images once (the VAE is frozen)
     latents = images_to_latents(components, images, flip=params.flip).to(components.device)
     concept = concept_phrase(params.token, params.class_word)
-    prefixes = PREFIXES if params.train_text_encoder else PREFIXES[:1]
+    prefixes = PREFIXES[:2] if params.train_text_encoder else PREFIXES[:1]
 
     # 3. Inject the low-rank layers (B = 0: the model starts as the base model) and train only them
     with contextlib.ExitStack() as stack:
@@ -253,7 +256,9 @@ def split_state(adapter: Adapter) -> dict[str, dict[str, torch.Tensor]]:
     for key, tensor in adapter.tensors.items():
         prefix, _, rest = key.partition(".")
         if prefix not in PREFIXES or not (rest.endswith(".lora_A.weight") or rest.endswith(".lora_B.weight")):
-            raise ValueError(f"LoRA key {key!r} is not unet.* or text_encoder.* ending in lora_A/lora_B.weight")
+            raise ValueError(
+                f"LoRA key {key!r} is not unet.*, text_encoder.* or text_encoder_2.* ending in lora_A/lora_B.weight"
+            )
         parts.setdefault(prefix, {})[rest.replace(".default.", ".")] = tensor
     return parts
 

@@ -7,7 +7,9 @@ frozen and never written: the new rows live in an `ExtendedEmbedding` beside the
 
 With `num_vectors` n > 1 the token stands for n tokens "S*", "S*_1", ... (as diffusers' multi-vector
 `load_textual_inversion` expands them). The adapter file is diffusers' format: one tensor named after the token,
-shape (n, D), so `pipeline.load_textual_inversion(path)` reads it.
+shape (n, D), so `pipeline.load_textual_inversion(path)` reads it. An SDXL embedding (applied, not trained here)
+holds one tensor per text encoder, `clip_l` (n, D1) and `clip_g` (n, D2), with its token in the metadata, as
+SDXL embedding files are shared; `apply` adds the token to both encoders.
 Not implemented: the paper's per-image captions and its progressive extension to the UNet.
 """
 
@@ -38,6 +40,7 @@ from models.personalization.training import (
 )
 
 VECTORS_KEY = "vectors"
+SDXL_KEYS = ("clip_l", "clip_g")  # an SDXL embedding's vectors for the first and the second text encoder
 
 
 @dataclass(frozen=True)
@@ -167,13 +170,40 @@ def vectors_of(adapter: Adapter) -> tuple[str, torch.Tensor]:
     return token, tensor
 
 
+def sdxl_vectors_of(adapter: Adapter) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """An SDXL embedding's token and its (n, D1) and (n, D2) vectors; ValueError if it is not one."""
+    if set(adapter.tensors) != set(SDXL_KEYS):
+        raise ValueError(
+            f"an SDXL textual-inversion adapter holds tensors {' and '.join(SDXL_KEYS)}, this one "
+            f"{sorted(adapter.tensors)}"
+        )
+    if len(adapter.tokens) != 1:
+        raise ValueError(f"an SDXL textual-inversion adapter names one token in its metadata, got {adapter.tokens}")
+    first, second = (adapter.tensors[key] for key in SDXL_KEYS)
+    first, second = (t.unsqueeze(0) if t.ndim == 1 else t for t in (first, second))
+    if first.ndim != 2 or second.ndim != 2 or first.shape[0] != second.shape[0]:
+        raise ValueError(
+            f"clip_l and clip_g must be (n, D) with one n, got {tuple(first.shape)}, {tuple(second.shape)}"
+        )
+    return adapter.tokens[0], first, second
+
+
 @contextlib.contextmanager
 def apply(components: Components, adapter: Adapter, scale: float = 1.0) -> Iterator[None]:
-    """Add the adapter's token for the block. `scale` multiplies the vectors (1 = as trained)."""
-    token, vectors = vectors_of(adapter)
+    """Add the adapter's token for the block (to both text encoders of SDXL). `scale` multiplies the vectors
+    (1 = as trained)."""
+    if components.text_encoder_2 is not None:
+        token, vectors, vectors_2 = sdxl_vectors_of(adapter)
+    elif set(adapter.tensors) == set(SDXL_KEYS):
+        raise ValueError("an SDXL textual-inversion adapter (clip_l, clip_g) needs an SDXL model")
+    else:
+        (token, vectors), vectors_2 = vectors_of(adapter), None
     count = vectors.shape[0]
     tokens = sub_tokens(token, count)
     aliases = {token: " ".join(tokens)} if count > 1 else None
     dtype = components.text_encoder.get_input_embeddings().weight.dtype
-    with added_tokens(components, tokens, (vectors * scale).to(dtype), aliases):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(added_tokens(components, tokens, (vectors * scale).to(dtype), aliases))
+        if vectors_2 is not None:
+            stack.enter_context(added_tokens(components, tokens, (vectors_2 * scale).to(dtype), aliases, second=True))
         yield

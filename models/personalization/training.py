@@ -168,17 +168,25 @@ def _with_aliases(tokenizer: CLIPTokenizer, aliases: dict[str, str]) -> CLIPToke
 
 @contextmanager
 def added_tokens(
-    components: Components, tokens: list[str], vectors: torch.Tensor, aliases: dict[str, str] | None = None
+    components: Components,
+    tokens: list[str],
+    vectors: torch.Tensor,
+    aliases: dict[str, str] | None = None,
+    second: bool = False,
 ) -> Iterator[list[int]]:
     """Add `tokens` with embedding rows `vectors` (n, D) for the length of the block; yields their ids.
 
     Installs a copy of the tokenizer and an `ExtendedEmbedding` on the text encoder, and puts the originals back in
     a finally, so the shared components come out exactly as they went in. Blocks nest (two adapters' tokens).
-    `aliases` maps a prompt word to the tokens it stands for (a multi-vector concept "<s1>" -> "<s1> <s1>_1")."""
+    `aliases` maps a prompt word to the tokens it stands for (a multi-vector concept "<s1>" -> "<s1> <s1>_1").
+    `second`: SDXL's second text encoder and tokenizer instead of the first."""
     if vectors.shape[0] != len(tokens):
         raise ValueError(f"{len(tokens)} tokens but {vectors.shape[0]} embedding vectors")
-    text_encoder = components.text_encoder
-    original_tokenizer = components.tokenizer
+    encoder_name, tokenizer_name = ("text_encoder_2", "tokenizer_2") if second else ("text_encoder", "tokenizer")
+    text_encoder = getattr(components, encoder_name)
+    original_tokenizer = getattr(components, tokenizer_name)
+    if text_encoder is None or original_tokenizer is None:
+        raise ValueError(f"the model has no {encoder_name}")
     original_embedding = text_encoder.get_input_embeddings()
     hidden = int(original_embedding.weight.shape[1])
     if vectors.ndim != 2 or vectors.shape[1] != hidden:
@@ -193,13 +201,13 @@ def added_tokens(
         tokenizer = _with_aliases(tokenizer, aliases)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     extended = ExtendedEmbedding(original_embedding, vectors.to(original_embedding.weight.device))
-    components.tokenizer = tokenizer
+    setattr(components, tokenizer_name, tokenizer)
     text_encoder.set_input_embeddings(extended)
     try:
         yield list(ids)
     finally:
         text_encoder.set_input_embeddings(original_embedding)
-        components.tokenizer = original_tokenizer
+        setattr(components, tokenizer_name, original_tokenizer)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optimizer.") -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from store.artifacts import LocalArtifactStore
 from store.db import session_scope
 from store.settings import Settings
 from store.tables import Adapter, Job
-from tests.conftest import ZOO_MODEL
+from tests.conftest import ZOO_MODEL, make_tenant
 from tests.images import b64, png_bytes
 
 HIDDEN = 128  # the zoo text encoder's width
@@ -212,3 +212,54 @@ def test_training_requests_are_checked(client: TestClient, auth: dict[str, str])
         response = client.post(f"/v1/trainings/{kind}", json=body, headers=auth)
         assert response.status_code == 422, (name, response.text)
         assert response.json()["error"]["details"][0]["field"] == field, (name, response.json())
+
+
+def test_sdxl_adapters_are_checked_against_both_text_encoders(settings: Settings, tmp_path: Path) -> None:
+    """On an SDXL model: an embedding of `clip_l` and `clip_g` (one per text encoder, each of its encoder's width)
+    with its token given imports; without the token, with a wrong width, or in the one-encoder layout it is a 422,
+    as the two-encoder layout is on an SD model. A LoRA may touch the second text encoder's layers too."""
+    from api.main import create_app
+    from tests.families import SDXL_WIDTHS, save_sdxl_folder, sdxl_components
+
+    components = sdxl_components()
+    save_sdxl_folder(components, tmp_path / "sdxl")
+    (tmp_path / "zoo").symlink_to(ZOO_MODEL, target_is_directory=True)
+    _, key = make_tenant(settings)
+    auth = {"Authorization": f"Bearer {key}"}
+    narrow, wide = SDXL_WIDTHS
+
+    def embedding(first: int = narrow, second: int = wide, rows: int = 2) -> bytes:
+        return save_safetensors({"clip_l": torch.randn(rows, first), "clip_g": torch.randn(rows, second)})
+
+    layer = "text_model.encoder.layers.0.self_attn.q_proj"
+    lora = save_safetensors(
+        {
+            f"text_encoder_2.{layer}.lora_A.weight": torch.randn(2, wide),
+            f"text_encoder_2.{layer}.lora_B.weight": torch.zeros(wide, 2),
+        }
+    )
+    with TestClient(create_app(settings.model_copy(update={"models_dir": tmp_path}))) as client:
+        made = post(client, auth, embedding(), "textual-inversion", base_model="sdxl", token="<xl-star>")
+        assert made.status_code == 201, made.text
+        assert made.json()["tokens"] == ["<xl-star>"]
+        assert post(client, auth, lora, "lora", base_model="sdxl").status_code == 201
+        refused = {
+            "no token": (embedding(), "sdxl", "token", "names no token"),
+            "clip_g width": (embedding(second=wide + 1), "sdxl", "file", "does not fit"),
+            "row counts": (
+                save_safetensors({"clip_l": torch.randn(1, narrow), "clip_g": torch.randn(2, wide)}),
+                "sdxl",
+                "file",
+                "same number of vectors",
+            ),
+            "one encoder": (ti_file(width=narrow), "sdxl", "file", "holds tensors clip_l and clip_g"),
+            "on sd": (embedding(), "zoo", "file", "needs an SDXL base model"),
+        }
+        for case, (data, model, field, message) in refused.items():
+            token = "" if case == "no token" else "<xl-moon>"
+            response = post(client, auth, data, "textual-inversion", base_model=model, token=token)
+            assert response.status_code == 422, (case, response.text)
+            detail = response.json()["error"]["details"][0]
+            assert detail["field"] == field and message in detail["message"], (case, detail)
+        on_sd = post(client, auth, lora, "lora", base_model="zoo")
+        assert on_sd.status_code == 422 and "no such layer" in on_sd.text

@@ -1,5 +1,6 @@
 """The model catalog on real families' layouts (configs only, no weights, read as JSON): family, prediction type,
-native size, and no capability the code cannot run; a job naming a model for a method it cannot run is a 422."""
+native size, and the methods each runs (no method the code cannot run on its family); a job naming a model for a
+method it cannot run is a 422."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 from api.catalog import list_models
 from store.settings import Settings
 from tests.conftest import ZOO_MODEL, make_tenant
-from tests.control_models import SDXL, SDXL_INDEX, SDXL_SCHEDULER, SDXL_UNET, SDXL_VAE, write_configs
+from tests.control_models import CONTROLNET, SDXL, SDXL_INDEX, SDXL_SCHEDULER, SDXL_UNET, SDXL_VAE, write_configs
 
 SD_INDEX = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}
 SD_UNET = {
@@ -50,9 +51,13 @@ def test_families_prediction_types_and_native_sizes(tmp_path: Path) -> None:
     assert {"unet", "text-to-image", "cross-attention"} <= set(models["sd15"]["capabilities"])
 
 
-def test_sdxl_claims_no_capability(tmp_path: Path) -> None:
-    """The worker loads one text encoder and passes no added conditioning: nothing runs on SDXL yet. Either mark
-    (a second text encoder, or the UNet's text-time embedding) is enough, at any width."""
+SDXL_METHODS = ["region-edit", "sdedit", "text-to-image"]  # what runs on SDXL (tests/models/test_sdxl.py)
+
+
+def test_sdxl_claims_exactly_the_methods_that_pass_its_conditioning(tmp_path: Path) -> None:
+    """SDXL runs text-to-image, SDEdit and region edit (with LoRA and textual-inversion adapters): the methods that
+    pass its second text encoder and added conditioning; no other. Either mark (a second text encoder, or the UNet's
+    text-time embedding) makes a folder SDXL, at any width."""
     tiny_unet = SDXL_UNET | {"block_out_channels": [32, 64], "cross_attention_dim": 64}
     no_second_encoder = {k: v for k, v in SDXL_INDEX.items() if not k.endswith("_2")}
     plain_unet = {k: v for k, v in SDXL_UNET.items() if not k.startswith(("addition", "projection"))}
@@ -61,20 +66,70 @@ def test_sdxl_claims_no_capability(tmp_path: Path) -> None:
         base=(SDXL_INDEX, SDXL_UNET, SDXL_VAE, SDXL_SCHEDULER),
         tiny=(no_second_encoder, tiny_unet, SDXL_VAE, SDXL_SCHEDULER),
         two_encoders=(SDXL_INDEX, plain_unet | {"cross_attention_dim": 1280}, SDXL_VAE, SDXL_SCHEDULER),
+        sd15=(SD_INDEX, SD_UNET, SD_VAE, SD1_SCHEDULER),
     )
-    for name, model in models.items():
-        assert (model["family"], model["capabilities"]) == ("sdxl", []), name
+    for name in ("base", "tiny", "two_encoders"):
+        assert models[name]["family"] == "sdxl", name
+        assert sorted(models[name]["methods"]) == SDXL_METHODS, name
+        assert {"unet", "text-to-image", "cross-attention"} <= set(models[name]["capabilities"]), name
+    assert set(SDXL_METHODS) < set(models["sd15"]["methods"]) and "diffedit" in models["sd15"]["methods"]
 
 
-def test_text_to_image_on_sdxl_is_422_naming_the_model(client: TestClient, auth: dict[str, str]) -> None:
+def test_a_method_sdxl_does_not_run_is_422_naming_the_model_and_family(
+    client: TestClient, auth: dict[str, str]
+) -> None:
     models = {m["name"]: m for m in client.get("/v1/models", headers=auth).json()}
-    assert models[SDXL]["family"] == "sdxl" and "text-to-image" not in models[SDXL]["capabilities"]
+    assert models[SDXL]["family"] == "sdxl" and "prompt-to-prompt" not in models[SDXL]["methods"]
     assert models["shapes-sd-tiny"]["prediction_type"] == "epsilon"
-    body = {"prompt": "a red circle", "model": SDXL}
-    response = client.post("/v1/generations/text-to-image", json=body, headers=auth)
+    methods = {m["kind"]: m for m in client.get("/v1/methods", headers=auth).json()}
+    assert "sdxl" in methods["text-to-image"]["families"] and "sdxl" not in methods["prompt-to-prompt"]["families"]
+    body = {"source_prompt": "a red circle", "target_prompt": "a blue circle", "model": SDXL}
+    response = client.post("/v1/edits/prompt-to-prompt", json=body, headers=auth)
     assert response.status_code == 422, response.text
     error = response.json()["error"]
-    assert error["details"] == [{"field": "model", "message": f"{SDXL} lacks text-to-image needed by text-to-image"}]
+    assert error["details"] == [
+        {
+            "field": "model",
+            "message": f"{SDXL} is a sdxl model; prompt-to-prompt runs on sd1, sd2, custom models only "
+            "(GET /v1/models lists each model's methods)",
+        }
+    ]
+
+
+def test_controls_on_an_sdxl_model_are_422(client: TestClient, auth: dict[str, str]) -> None:
+    """The controls' code passes no added conditioning: no control model is accepted on an SDXL base."""
+    body = {
+        "prompt": "a red circle",
+        "model": SDXL,
+        "controls": [{"model": CONTROLNET, "condition": "file_0123456789abcdef01234567"}],
+    }
+    response = client.post("/v1/generations/text-to-image", json=body, headers=auth)
+    assert response.status_code == 422, response.text
+    (detail,) = response.json()["error"]["details"]
+    assert detail["field"] == "controls[0].model"
+    assert detail["message"].endswith("controls on SDXL base models are not supported yet"), detail
+
+
+def test_text_to_image_on_sdxl_is_accepted_at_its_native_size(settings: Settings, tmp_path: Path) -> None:
+    """A text-to-image job on an SDXL folder is created (no 422), at SDXL's 1024x1024 when no size is given."""
+    from api.main import create_app
+
+    write_configs(tmp_path / "sdxl", SDXL_INDEX, SDXL_UNET, SDXL_VAE, SDXL_SCHEDULER)
+    (tmp_path / "sdxl" / "tokenizer").symlink_to(ZOO_MODEL / "tokenizer", target_is_directory=True)
+    _, key = make_tenant(settings)
+    auth = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(settings.model_copy(update={"models_dir": tmp_path}))) as client:
+        made = client.post(
+            "/v1/generations/text-to-image", json={"prompt": "a red circle", "model": "sdxl"}, headers=auth
+        )
+        assert made.status_code == 201, made.text
+        assert (made.json()["params"]["width"], made.json()["params"]["height"]) == (1024, 1024)
+        refused = client.post(
+            "/v1/edits/prompt-to-prompt",
+            json={"source_prompt": "a red circle", "target_prompt": "a blue circle", "model": "sdxl"},
+            headers=auth,
+        )
+        assert refused.status_code == 422, refused.text
 
 
 def test_an_image_size_left_out_is_the_models_native_one(settings: Settings, tmp_path: Path) -> None:

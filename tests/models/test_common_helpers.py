@@ -58,3 +58,39 @@ def test_training_tail_pieces() -> None:
     metrics = training_metrics(log, 10, started=0.0)
     assert list(metrics) == ["final_loss", "steps", "seconds", "train_seconds", "resumed_from"]
     assert metrics["train_seconds"] == 2.0
+
+
+class Stop(Exception):
+    """Raised by a hook once it has seen what it needed (no half-precision convolution runs on the CPU)."""
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_a_half_precision_vae_that_asks_for_it_computes_in_float32(force_upcast: bool) -> None:
+    """SDXL's VAE decodes to NaN in float16; with `force_upcast` in its config it runs in float32 for each call,
+    as diffusers' SDXL pipelines do, and is back in float16 afterwards, also when the call fails."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from models.common.latents import decode, encode
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, force_upcast=force_upcast).to(
+        torch.float16
+    )
+    seen: list[torch.dtype] = []
+
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.extend([module.weight.dtype, args[0].dtype])
+        raise Stop
+
+    for part, call in (
+        (vae.decoder, lambda: decode(vae, torch.zeros(1, 4, 4, 4, dtype=torch.float16))),
+        (vae.encoder, lambda: encode(vae, torch.zeros(1, 3, 4, 4))),
+    ):
+        hook = part.conv_in.register_forward_pre_hook(record)
+        with pytest.raises(Stop):
+            call()
+        hook.remove()
+        expected = torch.float32 if force_upcast else torch.float16
+        assert seen == [expected, expected], part
+        assert vae.dtype == torch.float16
+        seen.clear()

@@ -1,8 +1,9 @@
 """Every registered method runs on each Stable Diffusion family it claims (issue 12), on tiny random-weight models
 with the families' structure (tests/families.py): SD 1.x (four UNet levels, VAE factor 8, 768-wide cross-attention,
-77 tokens, epsilon) and SD 2.x (linear attention projections, v-prediction). They catch what the bundled zoo model
-would hide: a 64-pixel or four-times-downsampling assumption, a hard-coded text width, the noise taken for the
-model's output.
+77 tokens, epsilon), SD 2.x (linear attention projections, v-prediction) and SDXL (two text encoders, added
+text-time conditioning; it claims only the methods whose spec lists it in `families`). They catch what the bundled
+zoo model would hide: a 64-pixel or four-times-downsampling assumption, a hard-coded text width, the noise taken for
+the model's output.
 
 Each method runs as the worker runs it: its request's Swagger example, turned into the runner's `Params` by the
 worker's own `method_params`, with the images the example names as inputs at the model's native size (and the
@@ -13,6 +14,7 @@ predictions, and has its own tests.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,26 +23,38 @@ import pytest
 import torch
 from PIL import Image
 
+from api.catalog import runnable
 from contract.registry import methods
-from contract.spec import MethodSpec
+from contract.spec import Family, MethodSpec
 from models.common.components import Components
 from models.shapes.world import render, sample_scene
-from tests.families import sd1_components, sd2_v_components
+from tests.families import sd1_components, sd2_v_components, sdxl_components
 from worker.runners import load_runner, method_params
 
-FAMILIES: dict[str, Callable[[], Components]] = {"sd1": sd1_components, "sd2-v": sd2_v_components}
-CAPABILITIES = ("unet", "text-to-image", "cross-attention")  # what the catalog lists for a plain SD 1.x/2.x UNet
+# fixture name -> (the catalog's family, the tiny model)
+FAMILIES: dict[str, tuple[Family, Callable[[], Components]]] = {
+    "sd1": ("sd1", sd1_components),
+    "sd2-v": ("sd2", sd2_v_components),
+    "sdxl": ("sdxl", sdxl_components),
+}
+CAPABILITIES = ("unet", "text-to-image", "cross-attention")  # what the catalog lists for a plain SD 1.x/2.x/XL UNet
 SPECS = sorted(
     (spec for spec in methods().values() if spec.adapters != "inputs"),
     key=lambda spec: spec.kind,
 )
+CASES = [
+    (name, spec)
+    for name, (family, _) in FAMILIES.items()
+    for spec in SPECS
+    if family in spec.families and set(spec.requires) <= set(CAPABILITIES)
+]
 FEW = 2  # steps of every kind
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request: pytest.FixtureRequest) -> tuple[str, Components]:
+@functools.cache
+def built(name: str) -> Components:
     torch.set_num_threads(1)
-    return request.param, FAMILIES[request.param]()
+    return FAMILIES[name][1]()
 
 
 def example(spec: MethodSpec) -> dict[str, Any]:
@@ -97,9 +111,9 @@ def finite(image: Image.Image) -> bool:
     return bool(np.isfinite(np.asarray(image, dtype=np.float32)).all())
 
 
-@pytest.mark.parametrize("spec", [s for s in SPECS if set(s.requires) <= set(CAPABILITIES)], ids=lambda s: s.kind)
-def test_every_claimed_method_runs_on_each_family(family: tuple[str, Components], spec: MethodSpec) -> None:
-    name, components = family
+@pytest.mark.parametrize(("name", "spec"), CASES, ids=[f"{name}-{spec.kind}" for name, spec in CASES])
+def test_every_claimed_method_runs_on_each_family(name: str, spec: MethodSpec) -> None:
+    components = built(name)
     runner = load_runner(spec)
     values = quick(example(spec))
     params = method_params(runner, values)
@@ -110,6 +124,16 @@ def test_every_claimed_method_runs_on_each_family(family: tuple[str, Components]
         assert image.size == (size, size) or spec.kind == "synthetic", (name, spec.kind, image.size)
         assert finite(image)
     assert out.images or out.adapter is not None or out.result or out.files, (name, spec.kind)
+
+
+def test_the_runs_here_are_what_the_catalog_claims() -> None:
+    """Every method the catalog lists for a family with these capabilities runs above (the adapter merge, which
+    reads no model, has its own tests); SDXL's are exactly text-to-image, SDEdit and region edit."""
+    merged = {spec.kind for spec in methods().values() if spec.adapters == "inputs"}
+    for name, (family, _) in FAMILIES.items():
+        here = {spec.kind for case, spec in CASES if case == name}
+        assert set(runnable(family, list(CAPABILITIES))) - merged == here, name
+    assert {spec.kind for case, spec in CASES if case == "sdxl"} == {"text-to-image", "sdedit", "region-edit"}
 
 
 def test_the_families_are_shaped_as_claimed() -> None:

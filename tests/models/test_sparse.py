@@ -219,3 +219,45 @@ def test_each_sparse_pass_needs_its_own_record_pass(components: Components) -> N
         engine.set_mode("sparse")  # the kept outputs now hold the previous sparse pass
         with pytest.raises(RuntimeError, match="once per pass"):
             components.unet(edited, 500, encoder_hidden_states=text)
+
+
+def kept_tensors(recording: list[list[object]]) -> list[torch.Tensor]:
+    """Every tensor of a recording, in order (entries are tensors or tuples of them)."""
+    flat: list[torch.Tensor] = []
+    for entries in recording:
+        for entry in entries:
+            flat.extend(entry if isinstance(entry, tuple) else (entry,))  # type: ignore[arg-type]
+    return flat
+
+
+def test_a_shared_recording_is_written_in_place_and_restored_after_each_pass(unet: UNet2DConditionModel) -> None:
+    """A hit replays the stored tensors themselves: the sparse pass writes into them, `restore` puts back exactly
+    what it overwrote (also after a pass that failed half way), so one recording serves any mask, any number of
+    times, with the same result each time."""
+    original, edited, text, mask = inputs(unet)
+    with torch.no_grad(), sparse_inference(unet, mask) as engine:
+        engine.set_mode("record")
+        unet(original, 500, encoder_hidden_states=text)
+        recording = engine.share_record()
+        before = [tensor.clone() for tensor in kept_tensors(recording)]
+        engine.set_mode("sparse")
+        first = unet(edited, 500, encoder_hidden_states=text).sample
+        changed = [not torch.equal(a, b) for a, b in zip(kept_tensors(recording), before, strict=True)]
+        assert any(changed)  # written in place, not copied
+        engine.restore()
+        assert all(torch.equal(a, b) for a, b in zip(kept_tensors(recording), before, strict=True))
+        engine.replay(recording)
+        again = unet(edited, 500, encoder_hidden_states=text).sample
+        engine.restore()
+    assert torch.equal(first, again)
+    other_mask = block_mask(16, 8, 2, 6, 6)
+    with torch.no_grad(), sparse_inference(unet, other_mask) as engine:
+        engine.replay(recording)
+        failing = unet.mid_block.register_forward_hook(lambda *_: (_ for _ in ()).throw(KeyError("half way")))
+        try:
+            with pytest.raises(KeyError):
+                unet(torch.where(other_mask, edited, original), 500, encoder_hidden_states=text)
+        finally:
+            failing.remove()
+        engine.restore()
+    assert all(torch.equal(a, b) for a, b in zip(kept_tensors(recording), before, strict=True))

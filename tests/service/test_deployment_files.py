@@ -96,3 +96,16 @@ def test_the_api_image_installs_every_package_its_code_imports() -> None:
         if names and not names & kept:  # no distribution: the standard library
             missing[module] = names
     assert not missing, missing
+
+
+def test_the_gpu_image_installs_a_pinned_xformers_and_the_lock_does_not() -> None:
+    """ATELIER_ATTENTION=xformers needs xformers on the GPU worker; the lock the tests and CPU installs use stays
+    without it, and the image installs it without dependencies, after torch, so that it cannot change torch."""
+    worker = stage("worker")
+    installs = re.findall(r"pip install [^\n]*\bxformers==(\d[\w.]*)", worker)
+    assert len(installs) == 1, worker
+    assert re.search(r"pip install --no-cache-dir --no-deps xformers==", worker)
+    assert worker.index("xformers==") > worker.index("torch==")
+    lock = (ROOT / "requirements.lock").read_text().lower()
+    assert "xformers" not in lock
+    assert "xformers" not in stage("api")
