@@ -138,9 +138,9 @@ def write_test_models(zoo: Path, base: str, out: Path) -> None:
             (gligen / part.name).symlink_to(part.resolve(), target_is_directory=part.is_dir())
     gligen_unet(unet, seed=7).save_pretrained(gligen / "unet")
     write_configs(out / SDXL, SDXL_INDEX, SDXL_UNET, SDXL_VAE, SDXL_SCHEDULER)
-    from tests.families import save_sdxl_folder, sdxl_components
+    from tests.families import save_folder, sdxl_components
 
-    save_sdxl_folder(sdxl_components(seed=0), out / SDXL_TINY)
+    save_folder(sdxl_components(seed=0), out / SDXL_TINY)
 
 
 def stock_pipeline(pipeline_class: type[Any], components: Components, **extra: Any) -> Any:

@@ -129,6 +129,22 @@ SD1_SCHEDULER: dict[str, Any] = {
 SD1_IMAGE_SIZE = 64  # pixels: an 8x8 latent through the four-level VAE (factor 8, as SD's)
 
 
+def factor_8_vae(image_size: int, scaling_factor: float) -> AutoencoderKL:
+    """A VAE with the real families' downsampling (four levels: 8 pixels per latent cell) at tiny widths."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=image_size,
+        scaling_factor=scaling_factor,
+    )
+
+
 def sd1_components(seed: int = 0) -> Components:
     """A random SD 1.x-shaped model (64x64 images) with the zoo's tokenizer, in float32 on the CPU."""
     tokenizer = CLIPTokenizer.from_pretrained(ZOO_MODEL / "tokenizer")
@@ -148,18 +164,7 @@ def sd1_components(seed: int = 0) -> Components:
         attention_head_dim=8,  # SD 1.x: 8 heads at every level
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=SD1_IMAGE_SIZE,
-        scaling_factor=0.18215,
-    )
+    vae = factor_8_vae(SD1_IMAGE_SIZE, 0.18215)
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     return Components(
@@ -219,18 +224,7 @@ def sdxl_components(seed: int = 0) -> Components:
         projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED + SDXL_PROJECTION,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=SDXL_IMAGE_SIZE,
-        scaling_factor=0.13025,  # SDXL's VAE
-    )
+    vae = factor_8_vae(SDXL_IMAGE_SIZE, 0.13025)  # SDXL's VAE factor
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval().requires_grad_(False)
     return Components(
@@ -245,26 +239,38 @@ def sdxl_components(seed: int = 0) -> Components:
     )
 
 
-def save_sdxl_folder(components: Components, folder: Path) -> Path:
-    """Write an SDXL-shaped model as a diffusers folder, as stabilityai/stable-diffusion-xl-base-1.0 lays it out
-    (both text encoders and tokenizers, `force_zeros_for_empty_prompt` in its index)."""
-    assert components.text_encoder_2 is not None and components.tokenizer_2 is not None
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        getattr(components, name).save_pretrained(folder / name)
-    components.tokenizer.save_pretrained(folder / "tokenizer")
-    components.tokenizer_2.save_pretrained(folder / "tokenizer_2")
+def save_folder(components: Components, folder: Path, weights: bool = True) -> Path:
+    """Write the model as a diffusers folder (`weights=False`: its configs and tokenizer only)."""
+    parts: dict[str, Any] = {"unet": components.unet, "vae": components.vae, "text_encoder": components.text_encoder}
+    tokenizers = {"tokenizer": components.tokenizer}
+    if components.text_encoder_2 is not None:
+        parts["text_encoder_2"] = components.text_encoder_2
+        tokenizers["tokenizer_2"] = components.tokenizer_2
+    for name, module in parts.items():
+        if weights:
+            module.save_pretrained(folder / name)
+        elif name.startswith("text_encoder"):
+            module.config.save_pretrained(folder / name)
+        else:
+            module.save_config(folder / name)
+    for name, tokenizer in tokenizers.items():
+        tokenizer.save_pretrained(folder / name)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config))
+    sdxl = components.text_encoder_2 is not None
     index = {
-        "_class_name": "StableDiffusionXLPipeline",
-        "force_zeros_for_empty_prompt": components.force_zeros_for_empty_prompt,
+        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
         "scheduler": ["diffusers", components.scheduler_config["_class_name"]],
         "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    if sdxl:
+        index |= {
+            "force_zeros_for_empty_prompt": components.force_zeros_for_empty_prompt,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        }
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder

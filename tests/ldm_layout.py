@@ -192,41 +192,6 @@ def save_single_file(components: Components, path: Path, open_clip: bool) -> Pat
     return path
 
 
-def save_folder(components: Components, folder: Path, weights: bool = True) -> Path:
-    """Write the model as a diffusers folder (`weights=False`: its configs and tokenizer only)."""
-    parts: dict[str, Any] = {"unet": components.unet, "vae": components.vae, "text_encoder": components.text_encoder}
-    tokenizers = {"tokenizer": components.tokenizer}
-    if components.text_encoder_2 is not None:
-        parts["text_encoder_2"] = components.text_encoder_2
-        tokenizers["tokenizer_2"] = components.tokenizer_2
-    for name, module in parts.items():
-        if weights:
-            module.save_pretrained(folder / name)
-        elif name.startswith("text_encoder"):
-            module.config.save_pretrained(folder / name)
-        else:
-            module.save_config(folder / name)
-    for name, tokenizer in tokenizers.items():
-        tokenizer.save_pretrained(folder / name)
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config))
-    sdxl = components.text_encoder_2 is not None
-    index = {
-        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
-        "scheduler": ["diffusers", components.scheduler_config["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    if sdxl:
-        index |= {
-            "force_zeros_for_empty_prompt": components.force_zeros_for_empty_prompt,
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        }
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
 
 
 def write_header_only(state: dict[str, Any], path: Path, dtype: str = "F16") -> Path:

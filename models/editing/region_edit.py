@@ -17,12 +17,12 @@ result approximates.
 The recorded activations do not depend on the mask, so they are reused across jobs, as SIGE pre-computes
 them once per original image: given `inputs["activation_cache"]` (a `CacheHandle`; the worker passes its
 process-wide cache to every job), a sparse job looks up its recording under `activation_key` (weights, image
-pixels, prompts, guidance, steps, strength, noise -- not the mask). On a hit it skips every record pass and the
-image's VAE encoding, and replays the stored activations (the sparse pass writes into them and puts back what it
-overwrote, `SparseEngine.replay` / `restore`), with a result bit-identical to recording them again; on a miss it
-records as above and stores what it recorded when it ends, if the recording fits the budget. A follow-up edit of the
-same image with another mask, by the same worker process, is then only the sparse pass
-(docs/sparse-cache.md).
+pixels, prompts, guidance, steps, strength, noise -- not the mask). On a hit it skips every record pass, the
+image's VAE encoding and the prompts' encoding, and replays the stored activations (the sparse pass writes into
+them and puts back what it overwrote, `SparseEngine.replay` / `restore`), with a result bit-identical to recording
+them again; on a miss it records as above and stores what it recorded when it ends, if the recording fits the
+budget. A follow-up edit of the same image with another mask, by the same worker process, is then only the sparse
+pass (docs/sparse-cache.md).
 
 The block side (`tile`, of the convolutions' work; attention and feed-forward recompute the active cells only)
 trades speed for closeness to the dense result: smaller blocks recompute fewer cells but each gathers its halo again,
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -63,7 +64,7 @@ from PIL import Image
 
 from models.common.activation_cache import CacheHandle, cache_key, tensor_bytes
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
-from models.common.conditioning import encode_guided
+from models.common.conditioning import TextConditioning, encode_guided
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
 from models.common.sampling import combined, guided_noise, start_timesteps
 from models.common.sparse import Recording, SparseEngine, sparse_inference
@@ -157,11 +158,13 @@ def activation_key(
 
 @dataclass
 class _Reuse:
-    """A job's use of the activation cache. An entry is `(clean, recordings)`: the original's latent (its VAE
-    encoding, which the key's pixels and weights determine) and one recording per step. `stored`: on a hit, the
-    recordings that replace the record passes, and `clean` the latent that replaces the encoding; `collected`: on a
-    miss, what each record pass kept (shared, restored after each sparse pass), stored with `clean` when the job
-    ends, dropped as soon as the whole recording is seen not to fit the budget. `nbytes`: the recording's size."""
+    """A job's use of the activation cache. An entry is `(clean, text, recordings)`: the original's latent (its VAE
+    encoding, which the key's pixels and weights determine), the prompts' conditioning (which the key's prompts and
+    weights determine) and one recording per step. `stored`: on a hit, the recordings that replace the record
+    passes, and `clean` and `text` what replace the encodings; `collected`: on a miss, what each record pass kept
+    (shared, restored after each sparse pass), stored with `clean` and `text` when the job ends, dropped as soon as
+    the whole recording is seen not to fit the budget. `nbytes`: the entry's size (SDXL's pooled embeddings, inside
+    `text.added`, a few kilobytes, are not counted); `other_bytes`: the latent's and the text's."""
 
     status: Literal["hit", "miss", "off"]
     steps: int
@@ -171,7 +174,8 @@ class _Reuse:
     collected: list[Recording] | None = None
     nbytes: int = 0
     clean: torch.Tensor | None = None
-    latent_bytes: int = 0
+    text: TextConditioning | None = None
+    other_bytes: int = 0
 
     @classmethod
     def start(
@@ -184,9 +188,16 @@ class _Reuse:
         key = activation_key(components, params, inputs["image"], noise, handle.weights)
         entry = handle.cache.get(key)
         if entry is not None:
-            clean, stored = entry
-            return cls("hit", steps, stored=stored, nbytes=tensor_bytes(entry), clean=clean)
-        return cls("miss", steps, handle, key, collected=[], latent_bytes=tensor_bytes(noise))
+            clean, text, stored = entry
+            return cls("hit", steps, stored=stored, nbytes=tensor_bytes(entry), clean=clean, text=text)
+        return cls("miss", steps, handle, key, collected=[], other_bytes=tensor_bytes(noise))
+
+    def conditioning(self, encode_text: Callable[[], TextConditioning]) -> TextConditioning:
+        """The prompts' conditioning: a hit's stored one, else `encode_text()` (kept for the entry on a miss)."""
+        if self.text is None:
+            self.text = encode_text()
+            self.other_bytes += tensor_bytes(self.text)
+        return self.text
 
     def recorded(self, engine: SparseEngine) -> None:
         """After a record pass (before its sparse pass): count its bytes; on a miss, keep what it kept."""
@@ -194,19 +205,19 @@ class _Reuse:
         self.nbytes += step_bytes
         if self.collected is not None and self.handle is not None:
             # every step records the same shapes; the latent has the noise's shape and dtype
-            if self.handle.cache.fits(step_bytes * self.steps + self.latent_bytes):
+            if self.handle.cache.fits(step_bytes * self.steps + self.other_bytes):
                 self.collected.append(engine.share_record())
             else:
                 self.collected = None
 
     def finish(self, clean: torch.Tensor) -> bool:
-        """After the last step: store what a miss collected (the job ran to the end) with the original's latent.
-        A sparse job that recorded counts the latent in `nbytes` too: the size of its cache entry. Returns whether
-        the cache holds the job's recording now (a hit, or a miss that was stored)."""
+        """After the last step: store what a miss collected (the job ran to the end) with the original's latent and
+        the prompts' conditioning. A sparse job that recorded counts both in `nbytes` too: the size of its cache
+        entry. Returns whether the cache holds the job's recording now (a hit, or a miss that was stored)."""
         if self.status != "hit" and self.nbytes:
-            self.nbytes += tensor_bytes(clean)
+            self.nbytes += tensor_bytes(clean) + tensor_bytes(self.text)
         if self.collected is not None and self.handle is not None:
-            return self.handle.cache.put(self.key, (clean, self.collected))
+            return self.handle.cache.put(self.key, (clean, self.text, self.collected))
         return self.status == "hit"
 
 
@@ -271,15 +282,17 @@ def _edit(
     image = inputs["image"]
     factor = components.vae_scale
 
-    # 2. Encode the prompt; the job's one noise draw; the cache lookup; the image (unless the cache kept it)
+    # 2. The job's one noise draw; the cache lookup; the prompt and the image (unless the cache kept them)
     width, height = image.size
-    cond, uncond, added = encode_guided(components, [params.prompt], [params.negative_prompt], height, width)
     shape = (1, int(components.vae.config.latent_channels), height // factor, width // factor)
     noise = randn(shape, generator, components.device, components.dtype)
     scheduler = components.ddim()
     scheduler.set_timesteps(params.steps, device=components.device)
     timesteps = start_timesteps(scheduler.timesteps, params.strength)
     reuse = _Reuse.start(components, params, inputs, noise, len(timesteps))
+    cond, uncond, added = reuse.conditioning(
+        lambda: encode_guided(components, [params.prompt], [params.negative_prompt], height, width)
+    )
     clean = reuse.clean if reuse.clean is not None else encode(components.vae, images_to_tensor([image]))
 
     # 3. The edited region: latent cells (h, w), and the same region in pixels (H, W)

@@ -219,10 +219,10 @@ def test_sdxl_adapters_are_checked_against_both_text_encoders(settings: Settings
     with its token given imports; without the token, with a wrong width, or in the one-encoder layout it is a 422,
     as the two-encoder layout is on an SD model. A LoRA may touch the second text encoder's layers too."""
     from api.main import create_app
-    from tests.families import SDXL_WIDTHS, save_sdxl_folder, sdxl_components
+    from tests.families import SDXL_WIDTHS, save_folder, sdxl_components
 
     components = sdxl_components()
-    save_sdxl_folder(components, tmp_path / "sdxl")
+    save_folder(components, tmp_path / "sdxl")
     (tmp_path / "zoo").symlink_to(ZOO_MODEL, target_is_directory=True)
     _, key = make_tenant(settings)
     auth = {"Authorization": f"Bearer {key}"}

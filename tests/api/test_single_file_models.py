@@ -20,8 +20,8 @@ from models.common.components import Components
 from store.settings import Settings
 from tests.conftest import make_tenant
 from tests.control_models import CONTROLNET
-from tests.families import sd2_v_components, sdxl_components
-from tests.ldm_layout import save_folder, save_single_file, to_ldm, write_header_only
+from tests.families import save_folder, sd2_v_components, sdxl_components
+from tests.ldm_layout import save_single_file, to_ldm, write_header_only
 from tests.models.test_single_file_loading import empty_family
 
 CONDITION = "file_0123456789abcdef01234567"  # never read: the control model is refused first

@@ -89,19 +89,26 @@ def test_a_second_edit_with_another_mask_is_a_hit_equal_to_the_uncached_run(comp
     assert same(again, first) and same(first, edit(components, None, corner=0))
 
 
-def test_a_hit_skips_the_vae_encoding_of_the_original(
+def test_a_hit_skips_the_vae_and_text_encodings_of_the_original(
     components: Components, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The entry keeps the original's latent with its recording: a hit encodes nothing, a miss encodes once."""
+    """The entry keeps the original's latent and the prompts' conditioning with its recording: a hit encodes
+    nothing, a miss encodes the image once and the prompt and negative prompt once each."""
     cache = ActivationCache(1 << 30)
-    calls: list[int] = []
+    images: list[int] = []
+    texts: list[int] = []
     encode = components.vae.encode
-    monkeypatch.setattr(components.vae, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
-    edit(components, cache, corner=0)
-    assert len(calls) == 1
-    hit = edit(components, cache, corner=3)
-    assert hit.metrics["activation_cache"] == "hit" and len(calls) == 1
+    monkeypatch.setattr(components.vae, "encode", lambda *a, **k: images.append(1) or encode(*a, **k))
+    hook = components.text_encoder.register_forward_pre_hook(lambda *_: texts.append(1))
+    try:
+        miss = edit(components, cache, corner=0)
+        assert (len(images), len(texts)) == (1, 2)
+        hit = edit(components, cache, corner=3)
+        assert hit.metrics["activation_cache"] == "hit" and (len(images), len(texts)) == (1, 2)
+    finally:
+        hook.remove()
     monkeypatch.undo()
+    assert miss.metrics["activation_bytes"] == hit.metrics["activation_bytes"] == cache.nbytes
     assert same(hit, edit(components, None, corner=3))
 
 

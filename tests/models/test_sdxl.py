@@ -44,7 +44,7 @@ from tests.families import (
     SDXL_PROJECTION,
     SDXL_SCHEDULER,
     SDXL_WIDTHS,
-    save_sdxl_folder,
+    save_folder,
     sd1_components,
     sdxl_components,
 )
@@ -106,7 +106,7 @@ def test_the_fixture_is_shaped_as_sdxl(sdxl: Components) -> None:
 def test_a_saved_sdxl_folder_loads_with_both_encoders(sdxl: Components, tmp_path: Path) -> None:
     """The worker loads `text_encoder_2` (with its projection) and `tokenizer_2`, reads `force_zeros_for_empty_prompt`
     from the folder's index, counts the second encoder in the model's bytes, and makes the fixture's image."""
-    folder = save_sdxl_folder(sdxl, tmp_path / "sdxl")
+    folder = save_folder(sdxl, tmp_path / "sdxl")
     loaded = load_components(folder, DevicePolicy(torch.device("cpu"), torch.float32, "sdpa"))
     assert isinstance(loaded.text_encoder_2, CLIPTextModelWithProjection) and loaded.tokenizer_2 is not None
     assert loaded.tokenizer_2.pad_token == "!" and loaded.force_zeros_for_empty_prompt

@@ -24,8 +24,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from contract.checkpoints import FAMILY_CONFIGS
 from models.common.components import Components
 from models.generation import text_to_image
-from tests.families import sd1_components, sd2_v_components, sdxl_components
-from tests.ldm_layout import save_folder, save_single_file, to_ldm
+from tests.families import save_folder, sd1_components, sd2_v_components, sdxl_components
+from tests.ldm_layout import save_single_file, to_ldm
 from worker.runtime import DevicePolicy, ModelCache
 from worker.single_file import FAMILIES_DIR, find_checkpoint, load_tokenizer
 

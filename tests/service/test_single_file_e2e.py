@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from models.generation import text_to_image
 from store.settings import Settings
 from tests.conftest import wait_for
-from tests.families import SD1_IMAGE_SIZE, sd1_components
-from tests.ldm_layout import save_folder, save_single_file
+from tests.families import SD1_IMAGE_SIZE, save_folder, sd1_components
+from tests.ldm_layout import save_single_file
 from tests.service.test_editing_e2e_region import download
 
 pytestmark = pytest.mark.usefixtures("worker")
