@@ -87,9 +87,17 @@ class AddonLoop:
         seed: int,
         stream: int,
         logger: logging.Logger,
+        slower: Sequence[torch.nn.Parameter] = (),
+        slower_scale: float = 1.0,
     ) -> None:
-        self.work, self.schedule, self.trainable, self.logger = work, schedule, list(trainable), logger
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=schedule.lr, weight_decay=0.0)
+        """`slower`: more parameters to train at `slower_scale` times the schedule's rate (a frozen base's own
+        layers, fine-tuned gently beside new ones)."""
+        self.work, self.schedule, self.logger = work, schedule, logger
+        self.trainable = [*trainable, *slower]
+        groups: list[dict[str, object]] = [{"params": list(trainable), "scale": 1.0}]
+        if slower:
+            groups.append({"params": list(slower), "scale": slower_scale})
+        self.optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(seed)
         self.numpy_rng = np.random.default_rng([seed, stream])
         self.alpha_bar = alphas_cumprod()
@@ -129,7 +137,7 @@ class AddonLoop:
         `state()` (with the optimizer and random state) every `checkpoint_every` and at the end."""
         schedule = self.schedule
         for group in self.optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step, schedule.lr, schedule.warmup, schedule.steps)
+            group["lr"] = warmup_cosine_lr(step, schedule.lr, schedule.warmup, schedule.steps) * group["scale"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)

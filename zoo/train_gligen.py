@@ -59,6 +59,7 @@ class GligenTrainParams:
     high_noise: float = 0.0  # share of timesteps drawn from the noisier half, where the layout is decided
     contrast: float = 0.0  # > 0: weight of the contrastive term (see contrastive_term)
     contrast_margin: float = 0.1  # the share by which the boxes must lower the error inside them
+    base_lr_scale: float = 0.0  # > 0: the base UNet's own layers train too, at this times the rate (the paper: 0)
 
 
 @dataclass
@@ -173,10 +174,12 @@ def train_gligen(base: Path, out: Path, work: Path, params: GligenTrainParams, r
     gligen = gligen_variant(frozen.unet, params.gate).train()
     gligen.requires_grad_(False)
     trainable = new_parameters(gligen)
-    for parameter in trainable:
+    new = {id(parameter) for parameter in trainable}
+    base_layers = [p for p in gligen.parameters() if id(p) not in new] if params.base_lr_scale > 0 else []
+    for parameter in [*trainable, *base_layers]:
         parameter.requires_grad_(True)
     schedule = Schedule(params.steps, params.lr, params.warmup, params.checkpoint_every)
-    loop = AddonLoop(work, schedule, trainable, params.seed, 17, logger)
+    loop = AddonLoop(work, schedule, trainable, params.seed, 17, logger, base_layers, params.base_lr_scale)
     if resume:
         loop.resume(gligen, "unet")
     logger.info("GLIGEN params %s, %d trainable parameters", asdict(params), sum(p.numel() for p in trainable))
@@ -247,6 +250,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--box-weight", type=float, default=0.0, help="extra loss weight inside the boxes")
     parser.add_argument("--high-noise", type=float, default=0.0, help="share of t from the noisier half")
     parser.add_argument("--contrast", type=float, default=0.0, help="weight of the contrastive term")
+    parser.add_argument(
+        "--base-lr-scale", type=float, default=0.0, help="> 0: the base UNet trains too, at this times --lr"
+    )
     parser.add_argument("--contrast-margin", type=float, default=GligenTrainParams.contrast_margin)
     parser.add_argument("--positionless", type=float, default=GligenTrainParams.positionless_fraction)
     parser.add_argument("--threads", type=int, default=1)
@@ -265,6 +271,7 @@ def main(argv: list[str]) -> None:
         positionless_fraction=args.positionless,
         contrast=args.contrast,
         contrast_margin=args.contrast_margin,
+        base_lr_scale=args.base_lr_scale,
     )
     train_gligen(Path(args.base), Path(args.out), Path(args.work), params, args.resume)
 
