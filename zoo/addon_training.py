@@ -137,7 +137,8 @@ class AddonLoop:
         `state()` (with the optimizer and random state) every `checkpoint_every` and at the end."""
         schedule = self.schedule
         for group in self.optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step, schedule.lr, schedule.warmup, schedule.steps) * group["scale"]
+            # a checkpoint from before the slower group resumes with groups without "scale": the full rate
+            group["lr"] = warmup_cosine_lr(step, schedule.lr, schedule.warmup, schedule.steps) * group.get("scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)

@@ -164,3 +164,31 @@ def test_box_cells_marks_the_latent_cells_of_present_objects_only() -> None:
     assert torch.equal(cells, expected)
     both = box_cells(boxes, torch.tensor([[1.0, 1.0]]), 8)
     assert int(both.sum()) == 8 + 16
+
+
+def test_the_contrastive_term_is_zero_once_the_boxes_lower_the_error_by_the_margin() -> None:
+    from zoo.train_gligen import contrastive_term
+
+    cells = torch.zeros(2, 1, 4, 4)
+    cells[0, :, :2, :2] = 1  # the second sample has no box (grounding dropped): it counts zero
+    without = torch.full((2, 4, 4, 4), 1.0)
+    assert float(contrastive_term(without * 0.85, without, cells, 0.1)) == 0.0
+    gap = float(contrastive_term(without.clone(), without, cells, 0.1))
+    assert gap == pytest.approx(-np.log(0.9) / 2, rel=1e-4)  # log(1 / 0.9), averaged over the batch of 2
+    # only the cells inside the boxes count
+    outside = without.clone()
+    outside[0, :, 2:, 2:] = 5.0
+    assert float(contrastive_term(outside, without, cells, 0.1)) == pytest.approx(gap, rel=1e-4)
+
+
+def test_slower_parameters_train_at_their_share_of_the_rate(tmp_path: Path) -> None:
+    from zoo.addon_training import AddonLoop, Schedule
+
+    fast, slow = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    loop = AddonLoop(
+        tmp_path, Schedule(4, 1e-2, 0, 100), [fast], 0, 1, logging.getLogger("test"), [slow], slower_scale=0.1
+    )
+    loop.step(1, (fast - 1).pow(2).sum() + (slow - 1).pow(2).sum(), dict)
+    rates = [group["lr"] for group in loop.optimizer.param_groups]
+    assert rates[1] == pytest.approx(0.1 * rates[0]) and rates[0] > 0
+    assert bool((fast > 0).all()) and bool((slow > 0).all())  # both moved
