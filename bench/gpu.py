@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +351,31 @@ def guarded(results: dict[str, Any], key: str, work: Callable[[], dict[str, Any]
             torch.cuda.empty_cache()
 
 
+def loaded_variants(
+    rows: dict[str, Any],
+    budget: Budget,
+    models: Path,
+    shape: Shape,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    repeats: int,
+    estimates: tuple[float, float],
+) -> None:
+    """The text-to-image rows that load the model again with another worker policy: xformers attention, then the
+    compiled UNet, each run when its estimate (seconds) fits the budget."""
+    variants = (("xformers", policy(device, dtype, "xformers")), ("compile", policy(device, dtype, compile="unet")))
+    for (key, devices), estimate in zip(variants, estimates, strict=True):
+        if budget.allows(f"{shape.name} {key}", estimate):
+            guarded(rows, key, partial(variant_row, models, shape, devices, steps, repeats, device))
+
+
+def variant_row(
+    models: Path, shape: Shape, devices: DevicePolicy, steps: int, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    return text_to_image_row(load(models, shape.name, devices), shape.size, steps, repeats, device)
+
+
 def run(smoke: bool, repeats: int, budget: Budget, models: Path, results: dict[str, Any]) -> None:
     """Every section, its rows written into `results` as they come (a hard stop keeps what was measured)."""
     device = torch.device("cpu" if smoke else "cuda")
@@ -373,22 +399,8 @@ def run(smoke: bool, repeats: int, budget: Budget, models: Path, results: dict[s
     if budget.allows("sd15 classifier", 30):
         guarded(rows, "classifier", lambda: classifier_row(components, shape.size, device, smoke))
     del components
-    if not smoke and budget.allows("sd15 xformers", 30):
-        guarded(
-            rows,
-            "xformers",
-            lambda: text_to_image_row(
-                load(models, shape.name, policy(device, dtype, "xformers")), shape.size, steps, repeats, device
-            ),
-        )
-    if not smoke and budget.allows("sd15 compile", 150):
-        guarded(
-            rows,
-            "compile",
-            lambda: text_to_image_row(
-                load(models, shape.name, policy(device, dtype, compile="unet")), shape.size, steps, repeats, device
-            ),
-        )
+    if not smoke:
+        loaded_variants(rows, budget, models, shape, device, dtype, steps, repeats, (30, 150))
     shutil.rmtree(models / shape.name, ignore_errors=True)
 
     # 2. SDXL-shaped at 1024 (estimates: write+load 60 s, each variant ~20 s, compile ~200 s)
@@ -407,26 +419,8 @@ def run(smoke: bool, repeats: int, budget: Budget, models: Path, results: dict[s
                 rows, "sdpa_offload", lambda: text_to_image_row(components, shape.size, steps, 1, device, offload=True)
             )
             del components
-            if not smoke and budget.allows("sdxl xformers", 60):
-                guarded(
-                    rows,
-                    "xformers",
-                    lambda: text_to_image_row(
-                        load(models, shape.name, policy(device, dtype, "xformers")), shape.size, steps, repeats, device
-                    ),
-                )
-            if not smoke and budget.allows("sdxl compile", 240):
-                guarded(
-                    rows,
-                    "compile",
-                    lambda: text_to_image_row(
-                        load(models, shape.name, policy(device, dtype, compile="unet")),
-                        shape.size,
-                        steps,
-                        repeats,
-                        device,
-                    ),
-                )
+            if not smoke:
+                loaded_variants(rows, budget, models, shape, device, dtype, steps, repeats, (60, 240))
 
 
 def markdown(results: dict[str, Any]) -> str:
