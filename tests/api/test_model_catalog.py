@@ -110,15 +110,20 @@ def test_controls_on_an_sdxl_model_are_422(client: TestClient, auth: dict[str, s
     assert detail["message"].endswith("controls on SDXL base models are not supported yet"), detail
 
 
-def test_text_to_image_on_sdxl_is_accepted_at_its_native_size(settings: Settings, tmp_path: Path) -> None:
-    """A text-to-image job on an SDXL folder is created (no 422), at SDXL's 1024x1024 when no size is given."""
+def client_on_folder(settings: Settings, folder: Path, *configs: dict[str, Any]) -> TestClient:
+    """An API client whose models directory holds one model folder of these configs (index, UNet, VAE, scheduler)
+    and the zoo's tokenizer."""
     from api.main import create_app
 
-    write_configs(tmp_path / "sdxl", SDXL_INDEX, SDXL_UNET, SDXL_VAE, SDXL_SCHEDULER)
-    (tmp_path / "sdxl" / "tokenizer").symlink_to(ZOO_MODEL / "tokenizer", target_is_directory=True)
-    _, key = make_tenant(settings)
-    auth = {"Authorization": f"Bearer {key}"}
-    with TestClient(create_app(settings.model_copy(update={"models_dir": tmp_path}))) as client:
+    write_configs(folder, *configs)
+    (folder / "tokenizer").symlink_to(ZOO_MODEL / "tokenizer", target_is_directory=True)
+    return TestClient(create_app(settings.model_copy(update={"models_dir": folder.parent})))
+
+
+def test_text_to_image_on_sdxl_is_accepted_at_its_native_size(settings: Settings, tmp_path: Path) -> None:
+    """A text-to-image job on an SDXL folder is created (no 422), at SDXL's 1024x1024 when no size is given."""
+    auth = {"Authorization": f"Bearer {make_tenant(settings)[1]}"}
+    with client_on_folder(settings, tmp_path / "sdxl", SDXL_INDEX, SDXL_UNET, SDXL_VAE, SDXL_SCHEDULER) as client:
         made = client.post(
             "/v1/generations/text-to-image", json={"prompt": "a red circle", "model": "sdxl"}, headers=auth
         )
@@ -135,13 +140,8 @@ def test_text_to_image_on_sdxl_is_accepted_at_its_native_size(settings: Settings
 def test_an_image_size_left_out_is_the_models_native_one(settings: Settings, tmp_path: Path) -> None:
     """Text-to-image without `width`/`height` on an SD 1.5-shaped model makes (and records) 512x512, its native
     size, not a size fitted to the bundled zoo model; given sizes are kept."""
-    from api.main import create_app
-
-    write_configs(tmp_path / "sd15", SD_INDEX, SD_UNET, SD_VAE, SD1_SCHEDULER)
-    (tmp_path / "sd15" / "tokenizer").symlink_to(ZOO_MODEL / "tokenizer", target_is_directory=True)
-    _, key = make_tenant(settings)
-    auth = {"Authorization": f"Bearer {key}"}
-    with TestClient(create_app(settings.model_copy(update={"models_dir": tmp_path}))) as client:
+    auth = {"Authorization": f"Bearer {make_tenant(settings)[1]}"}
+    with client_on_folder(settings, tmp_path / "sd15", SD_INDEX, SD_UNET, SD_VAE, SD1_SCHEDULER) as client:
         made = client.post(
             "/v1/generations/text-to-image", json={"prompt": "a red circle", "model": "sd15"}, headers=auth
         )
