@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from api.schemas import ModelKind, ModelOut
+from contract.domains import folder_domain
 from contract.registry import methods
 from contract.spec import ModelCapability
 
@@ -121,6 +122,7 @@ def describe(folder: Path, default_name: str) -> ModelOut:
 
 def describe_control(folder: Path, kind: ModelKind) -> ModelOut:
     """A control model; its condition type and base model come from an optional `atelier.json` beside its config
+        domain=folder_domain(folder),
     (the zoo's trainers write one), else the condition is guessed from the folder's name."""
     config = _read_json(folder / "config.json")
     notes = _read_json(folder / "atelier.json")

@@ -54,6 +54,7 @@ def describe_file(checkpoint: Checkpoint, default_name: str) -> ModelOut:
         unet_in_channels=checkpoint.in_channels,
         sample_size=sample_size,
         prediction_type=checkpoint.prediction_type,
+        domain="general",
     )
 
 

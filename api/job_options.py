@@ -17,6 +17,7 @@ from api.checkpoint_catalog import refusal
 from api.errors import invalid, not_found
 from api.schemas import ModelOut
 from api.webhook_targets import check_callback_url
+from contract.domains import Domain
 from contract.params.common import AdapterRef, ControlledRequest, JobRequest
 from contract.spec import MethodSpec
 from store.adapters import get_adapter
@@ -34,6 +35,7 @@ class JobOptions:
     controls: list[dict[str, Any]] = field(default_factory=list)  # ControlRef dumps; conditions still as sent
     grounding: dict[str, Any] | None = None  # {"boxes": [{"phrase", "box"}], "fraction"}
     sample_size: int | None = None  # the model's native image size (not stored: it fills the sizes left out)
+    domain: Domain = "general"  # what the model was trained on (not stored: it fills the defaults that follow it)
 
 
 def resolve_model(spec: MethodSpec, name: str | None, settings: Settings) -> ModelOut:
@@ -137,6 +139,7 @@ def resolve_options(
         model=model,
         sample_size=found.sample_size,
         seed=request.seed,
+        domain=found.domain or "general",
         adapters=resolve_adapters(session, tenant_id, request.adapters, model),
         callback_url=str(request.callback_url) if request.callback_url else None,
         controls=resolve_controls(request, model, settings),

@@ -19,6 +19,7 @@ from api.images import CheckedImage, check_image, decode_base64
 from api.job_options import JobOptions, resolve_options
 from api.quotas import check_cost, check_quotas
 from api.text_checks import check_new_token, check_prompt_lengths
+from contract.domains import fill as fill_defaults
 from contract.params.common import JobRequest
 from contract.spec import MethodSpec
 from store.artifacts import ArtifactStore
@@ -99,6 +100,7 @@ def create_job(
     # 2. The images: existing file ids are checked; base64 is validated (stored in step 3).
     params: dict[str, Any] = request.method_params()
     _native_size_defaults(params, options.sample_size)
+    params = fill_defaults(spec.kind, options.domain, params)
     images = resolve_images(_image_refs(spec, params) + _condition_refs(options), tenant.id, session, settings)
     _check_same_size(spec, images.sizes)
     _check_condition_sizes(spec, params, options, images.sizes)

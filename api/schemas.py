@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from contract.domains import Domain
 from contract.jobs import JobOut
 from contract.spec import Family, ModelCapability, Queue
 from store.tables import StoredFile
@@ -88,6 +89,12 @@ class ModelOut(BaseModel):
     )
     unet_in_channels: int | None
     sample_size: int | None = Field(description="Native image size in pixels.")
+    domain: Domain | None = Field(
+        default=None,
+        description="What a base model was trained on: `shapesworld` (the zoo: an `atelier.json` in its folder says "
+        "so) or `general`. Some defaults follow it (Imagic's and the trainings' steps and rates, the trainings' "
+        "captions); null for a control model.",
+    )
     prediction_type: str | None = Field(
         default=None,
         description="A base model's training target, from its scheduler config: `epsilon` (the default) or "

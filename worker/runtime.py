@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from contract.domains import folder_domain
 from models.common.activation_cache import tensor_bytes
 from models.common.components import Components
 from models.personalization.common import Adapter
@@ -134,6 +135,7 @@ def load_components(folder: Path, policy: DevicePolicy, allow_downloads: bool = 
         tokenizer_2=tokenizer_2,
         # StableDiffusionXLPipeline's default when the folder's index does not say
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", text_encoder_2 is not None)),
+        domain=folder_domain(folder),
     )
     return place(components, policy)
 

@@ -12,6 +12,7 @@ from typing import Any
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
+from contract.domains import mark
 from zoo.configs import (
     ZooConfig,
     build_scheduler,
@@ -257,6 +258,7 @@ def export_run(run: Path, out_dir: Path, unet_dir: str = "unet", use_ema: bool =
         use_ema,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
+    mark(staging, "shapesworld")  # its method defaults and training captions are ShapesWorld's
     # Check the stock loader accepts what we wrote before replacing the old export.
     StableDiffusionPipeline.from_pretrained(str(staging), safety_checker=None)
     if out_dir.exists():

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention import GatedSelfAttentionDense  # noqa: E402
 
+from contract.domains import folder_domain, mark  # noqa: E402
 from models.control.gligen import MAX_OBJECTS  # noqa: E402
 from models.shapes.world import caption, object_phrase, positionless_caption, render, sample_scene  # noqa: E402
 from zoo.addon_training import AddonLoop, FrozenBase, Schedule  # noqa: E402
@@ -60,6 +61,7 @@ class GligenTrainParams:
     contrast: float = 0.0  # > 0: weight of the contrastive term (see contrastive_term)
     contrast_margin: float = 0.1  # the share by which the boxes must lower the error inside them
     base_lr_scale: float = 0.0  # > 0: the base UNet's own layers train too, at this times the rate (the paper: 0)
+    fusers: str = "all"  # "mid": only the middle block's gated layer learns, the others stay closed (new_parameters)
 
 
 @dataclass
@@ -146,9 +148,23 @@ def gligen_variant(unet: UNet2DConditionModel, gate: float = 0.0) -> UNet2DCondi
     return gated
 
 
-def new_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
-    fusers = [module for module in unet.modules() if isinstance(module, GatedSelfAttentionDense)]
-    return [p for module in [*fusers, unet.position_net] for p in module.parameters()]
+def new_parameters(unet: UNet2DConditionModel, fusers: str = "all") -> list[torch.nn.Parameter]:
+    """The GLIGEN layers that learn. fusers "mid": only the middle block's (the 4x4 level of the zoo's UNet, the
+    only one whose tokens carry their position: `zoo/position_probe.py`); every other gated layer is closed
+    (alpha 0, tanh(0) = 0: no effect) and frozen, so the variant stays a stock diffusers GLIGEN UNet."""
+    if fusers not in ("all", "mid"):
+        raise ValueError(f"fusers must be 'all' or 'mid', not {fusers!r}")
+    learning = []
+    for name, module in unet.named_modules():
+        if not isinstance(module, GatedSelfAttentionDense):
+            continue
+        if fusers == "mid" and not name.startswith("mid_block."):
+            with torch.no_grad():
+                module.alpha_attn.zero_()
+                module.alpha_dense.zero_()
+            continue
+        learning.append(module)
+    return [p for module in [*learning, unet.position_net] for p in module.parameters()]
 
 
 def train_gligen(base: Path, out: Path, work: Path, params: GligenTrainParams, resume: bool) -> UNet2DConditionModel:
@@ -173,7 +189,7 @@ def train_gligen(base: Path, out: Path, work: Path, params: GligenTrainParams, r
     torch.manual_seed(params.seed)
     gligen = gligen_variant(frozen.unet, params.gate).train()
     gligen.requires_grad_(False)
-    trainable = new_parameters(gligen)
+    trainable = new_parameters(gligen, params.fusers)
     new = {id(parameter) for parameter in trainable}
     base_layers = [p for p in gligen.parameters() if id(p) not in new] if params.base_lr_scale > 0 else []
     for parameter in [*trainable, *base_layers]:
@@ -231,8 +247,7 @@ def train_gligen(base: Path, out: Path, work: Path, params: GligenTrainParams, r
         json.dumps(index_file | {"_class_name": "StableDiffusionGLIGENPipeline"}, indent=2)
     )
     gligen.eval().save_pretrained(str(out / "unet"), safe_serialization=True)
-    notes = {"kind": "gligen", "base_model": base.name, "steps": params.steps}
-    (out / "atelier.json").write_text(json.dumps(notes, indent=2) + "\n")
+    mark(out, folder_domain(base), kind="gligen", base_model=base.name, steps=params.steps)
     logger.info("saved %s", out)
     return gligen
 
@@ -255,6 +270,9 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--contrast-margin", type=float, default=GligenTrainParams.contrast_margin)
     parser.add_argument("--positionless", type=float, default=GligenTrainParams.positionless_fraction)
+    parser.add_argument(
+        "--fusers", choices=("all", "mid"), default="all", help="mid: only the middle block's gated layer learns"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
@@ -272,6 +290,7 @@ def main(argv: list[str]) -> None:
         contrast=args.contrast,
         contrast_margin=args.contrast_margin,
         base_lr_scale=args.base_lr_scale,
+        fusers=args.fusers,
     )
     train_gligen(Path(args.base), Path(args.out), Path(args.work), params, args.resume)
 

@@ -48,6 +48,7 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
+from contract.domains import folder_domain, mark  # noqa: E402
 from zoo.configs import count_parameters  # noqa: E402
 from zoo.data import encode_latents  # noqa: E402
 from zoo.export import read_metrics  # noqa: E402
@@ -445,6 +446,7 @@ def stage_export(run: Path, args: argparse.Namespace) -> None:
     shutil.rmtree(out / "tokenizer")  # the base model's tokenizer files verbatim (vocab.json and merges.txt too)
     shutil.copytree(Path(args.base) / "tokenizer", out / "tokenizer")
     (out / "README.md").write_text(model_card(run, read_manifest(run), args.stage_dir, step))
+    mark(out, folder_domain(Path(args.base)))
     logger.info("exported step %d to %s", step, out)
 
 

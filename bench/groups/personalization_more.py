@@ -37,7 +37,7 @@ from PIL import Image
 from bench.harness import BenchContext, GroupResult, Row, grid, percent
 from models.common.components import Components, MethodOutput
 from models.generation import text_to_image
-from models.personalization import custom_diffusion, dreambooth, perfusion
+from models.personalization import captions, custom_diffusion, dreambooth, perfusion
 from models.personalization.common import Adapter
 from models.personalization.training import concept_phrase
 from models.shapes.oracle import SeenObject, read_scene
@@ -353,7 +353,8 @@ def run(ctx: BenchContext) -> GroupResult:
     # Custom Diffusion, and the closed-form merge of star + heart
     cd = train_all(ctx, cd_trainer, "cd")
     summary["Custom Diffusion"] = concept_rows(ctx, result, "Custom Diffusion", custom_diffusion, cd, with_class=True)
-    merged = custom_diffusion.merge(ctx.components, cd[0].adapter, cd[1].adapter, perfusion.caption_corpus(200))
+    corpus = captions.caption_corpus(ctx.components.domain, 200)
+    merged = custom_diffusion.merge(ctx.components, cd[0].adapter, cd[1].adapter, corpus)
     phrases = tuple(concept_phrase(t.adapter.tokens[0], t.concept.class_word) for t in cd[:2])
     cd_both, cd_images = two_concepts(ctx, custom_diffusion, [merged], phrases, (cd[0].concept, cd[1].concept))  # type: ignore[arg-type]
 

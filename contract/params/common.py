@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
+from contract.domains import left_out
 from contract.spec import IMAGE_FIELD_MARK, IMAGE_LIST_FIELD_MARK
 
 MAX_PROMPT_CHARS = 1000
@@ -200,6 +201,12 @@ NATIVE_SIZE = " Default: the model's native resolution (`sample_size` in `GET /v
 """The end of an image size field's description: left out, the API fills in the model's own size."""
 
 
+def by_domain(kind: str, name: str, description: str, **limits: Any) -> Any:
+    """A field whose default depends on what the model was trained on (`contract/domains.py`): left out (None),
+    the API fills it in from the job's model, and the job records the value."""
+    return Field(default=None, description=description + left_out(kind, name), **limits)
+
+
 def image_side(description: str, limit: int = 2048) -> Any:
     """An image side's field (`width`, `height`): a multiple of 8 up to `limit` pixels, or left out (None) for the
     model's native size."""
@@ -216,8 +223,9 @@ class TrainingRequest(JobRequest):
     token: ConceptToken
     class_word: ClassWord = ""
     name: str = Field(default="", max_length=200, description="The adapter's name in the registry; default: token.")
-    steps: StrictInt = Field(default=300, ge=1, le=20000, description="Optimisation steps.")
-    learning_rate: StrictFloat = Field(default=1e-3, gt=0, le=1.0, description="AdamW learning rate.")
+    # Each training sets the defaults of these two (most by the model's domain: `by_domain`).
+    steps: StrictInt | None = Field(default=None, ge=1, le=20000, description="Optimisation steps.")
+    learning_rate: StrictFloat | None = Field(default=None, gt=0, le=1.0, description="AdamW learning rate.")
     batch_size: StrictInt = Field(default=4, ge=1, le=64, description="Images per step.")
     flip: bool = Field(default=False, description="Also train on mirrored images (not for asymmetric subjects).")
     checkpoint_every: StrictInt = Field(

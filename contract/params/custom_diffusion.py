@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
-from contract.params.common import ConceptToken, TrainingRequest
-from contract.params.dreambooth import BatchSize, LearningRate, RequiredClassWord, TrainingSteps
+from contract.params.common import ConceptToken, TrainingRequest, by_domain
+from contract.params.dreambooth import BatchSize, RequiredClassWord
 from contract.spec import IMAGE_LIST_FIELD_MARK, MethodSpec
 
 OptionalTrainingImages = Annotated[
@@ -43,8 +43,10 @@ class CustomDiffusionRequest(TrainingRequest):
     )
 
     class_word: RequiredClassWord
-    steps: TrainingSteps = 200
-    learning_rate: LearningRate = 1e-3
+    steps: StrictInt | None = by_domain("custom-diffusion", "steps", "Optimisation steps.", ge=1, le=20000)
+    learning_rate: StrictFloat | None = by_domain(
+        "custom-diffusion", "learning_rate", "AdamW learning rate.", gt=0.0, le=1.0
+    )
     batch_size: BatchSize = 2
     regularization: bool = Field(default=True, description="Add the loss on class images the base model generates.")
     prior_loss_weight: StrictFloat = Field(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field, StrictFloat, StrictInt
 
-from contract.params.common import TrainingRequest
+from contract.params.common import TrainingRequest, by_domain
 from contract.spec import MethodSpec
 
 TrainingSteps = Annotated[StrictInt, Field(ge=1, le=20000, description="Optimisation steps.")]
@@ -46,8 +46,8 @@ class DreamBoothRequest(TrainingRequest):
     )
 
     class_word: RequiredClassWord
-    steps: TrainingSteps = 200
-    learning_rate: LearningRate = 2e-4
+    steps: StrictInt | None = by_domain("dreambooth", "steps", "Optimisation steps.", ge=1, le=20000)
+    learning_rate: StrictFloat | None = by_domain("dreambooth", "learning_rate", "AdamW learning rate.", gt=0.0, le=1.0)
     batch_size: BatchSize = 2
     prior_preservation: bool = Field(default=True, description="Add the class-prior loss on base-model images.")
     prior_loss_weight: StrictFloat = Field(default=1.0, ge=0.0, le=10.0, description="lambda of the prior loss.")

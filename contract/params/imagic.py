@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
-from contract.params.common import GuidanceScale, ImageRef, JobRequest, Prompt
+from contract.params.common import GuidanceScale, ImageRef, JobRequest, Prompt, by_domain
 from contract.spec import MethodSpec
 
 MAX_ETAS = 8
@@ -40,14 +40,18 @@ class ImagicRequest(JobRequest):
         description=f"Interpolation weight eta of e = eta * e_tgt + (1 - eta) * e_opt, a list of up to {MAX_ETAS} "
         "(one output image each, same noise) or one number: 0 reproduces the input, 1 follows the target text.",
     )
-    embedding_steps: StrictInt = Field(
-        default=100, ge=0, le=2000, description="Stage A: Adam steps on the text embedding, model frozen."
+    embedding_steps: StrictInt | None = by_domain(
+        "imagic", "embedding_steps", "Stage A: Adam steps on the text embedding, model frozen.", ge=0, le=2000
     )
-    embedding_lr: StrictFloat = Field(default=2e-3, gt=0.0, le=0.1, description="Stage A learning rate.")
-    finetune_steps: StrictInt = Field(
-        default=150, ge=0, le=5000, description="Stage B: Adam steps on a copy of the UNet with the embedding frozen."
+    embedding_lr: StrictFloat | None = by_domain("imagic", "embedding_lr", "Stage A learning rate.", gt=0.0, le=0.1)
+    finetune_steps: StrictInt | None = by_domain(
+        "imagic",
+        "finetune_steps",
+        "Stage B: Adam steps on a copy of the UNet with the embedding frozen.",
+        ge=0,
+        le=5000,
     )
-    finetune_lr: StrictFloat = Field(default=6e-5, gt=0.0, le=1e-2, description="Stage B learning rate.")
+    finetune_lr: StrictFloat | None = by_domain("imagic", "finetune_lr", "Stage B learning rate.", gt=0.0, le=1e-2)
     steps: StrictInt = Field(default=50, ge=1, le=200, description="Stage C: DDIM sampling steps per eta.")
     guidance_scale: GuidanceScale = 7.5
 

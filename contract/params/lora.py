@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field, StrictFloat, StrictInt
 
-from contract.params.common import TrainingRequest
+from contract.params.common import TrainingRequest, by_domain
 from contract.spec import MethodSpec
 
 
@@ -27,6 +27,8 @@ class LoraRequest(TrainingRequest):
         },
     )
 
+    steps: StrictInt | None = by_domain("lora", "steps", "Optimisation steps.", ge=1, le=20000)
+    learning_rate: StrictFloat | None = by_domain("lora", "learning_rate", "AdamW learning rate.", gt=0.0, le=1.0)
     rank: StrictInt = Field(default=4, ge=1, le=128, description="LoRA rank r.")
     alpha: StrictFloat = Field(default=4.0, gt=0, le=1024, description="LoRA alpha; the update is scaled by alpha / r.")
     train_text_encoder: bool = Field(default=False, description="Also adapt the text encoder's attention.")

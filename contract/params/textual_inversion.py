@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field, StrictFloat, StrictInt
 
-from contract.params.common import TrainingRequest
+from contract.params.common import TrainingRequest, by_domain
 from contract.spec import MethodSpec
 
 
@@ -28,7 +28,10 @@ class TextualInversionRequest(TrainingRequest):
         },
     )
 
-    learning_rate: StrictFloat = Field(default=5e-3, gt=0, le=1.0, description="AdamW learning rate.")
+    steps: StrictInt | None = by_domain("textual-inversion", "steps", "Optimisation steps.", ge=1, le=20000)
+    learning_rate: StrictFloat | None = by_domain(
+        "textual-inversion", "learning_rate", "AdamW learning rate.", gt=0.0, le=1.0
+    )
     num_vectors: StrictInt = Field(default=1, ge=1, le=8, description="Embedding vectors the token stands for.")
     init_word: str = Field(
         default="", max_length=100, description="Word whose embedding starts the vectors; default: the class word."

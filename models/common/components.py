@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2D
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from contract.domains import Domain
 from models.common.devices import execution_device
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ class Components:
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
     force_zeros_for_empty_prompt: bool = False
+    domain: Domain = "general"
+    """What the model was trained on (`contract/domains.py`): `shapesworld` for the zoo, whose training captions
+    and corpora are ShapesWorld's (`models/personalization/captions.py`); `general` for any other model."""
 
     @property
     def device(self) -> torch.device:

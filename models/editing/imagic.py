@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 
+from contract.domains import defaults
 from models.common.checks import check_guidance, check_image, check_steps
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.latents import decode, encode, images_to_tensor, randn, tensor_to_images
@@ -45,14 +46,18 @@ TRAIN_BATCH = 4  # noise draws (each with its own timestep) per optimisation ste
 MAX_ETAS = 8
 
 
+# Params' defaults are the zoo's; the service fills a job's from its model's domain (contract/domains.py).
+ZOO = defaults("imagic", "shapesworld")
+
+
 @dataclass(frozen=True)
 class Params:
     target_prompt: str
     etas: tuple[float, ...] | list[float] = (0.7,)
-    embedding_steps: int = 100
-    embedding_lr: float = 2e-3
-    finetune_steps: int = 150
-    finetune_lr: float = 6e-5
+    embedding_steps: int = ZOO["embedding_steps"]
+    embedding_lr: float = ZOO["embedding_lr"]
+    finetune_steps: int = ZOO["finetune_steps"]
+    finetune_lr: float = ZOO["finetune_lr"]
     steps: int = 50
     guidance_scale: float = 7.5
 

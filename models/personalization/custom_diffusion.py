@@ -37,10 +37,12 @@ from diffusers.models.attention_processor import Attention, CustomDiffusionAttnP
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
+from contract.domains import defaults
 from models.common.attention import cross_attention_layers, installed
 from models.common.components import Components, MethodOutput, OutputFile, ProgressCallback, no_progress
 from models.common.mixed_precision import MasterWeights
 from models.common.text import check_prompt, encode_prompts
+from models.personalization.captions import templates
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.concepts import (
     TOKEN_EMBEDDINGS_KEY,
@@ -51,7 +53,6 @@ from models.personalization.concepts import (
     images_list,
 )
 from models.personalization.training import (
-    PROMPT_TEMPLATES,
     TrainingLog,
     added_tokens,
     check_at_least_one,
@@ -69,14 +70,18 @@ ATTN_PROCS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 """The file name diffusers' `save_attn_procs` writes and `load_attn_procs` reads."""
 
 
+# Params' defaults are the zoo's; the service fills a job's from its model's domain (contract/domains.py).
+ZOO = defaults("custom-diffusion", "shapesworld")
+
+
 @dataclass(frozen=True)
 class Params:
     token: str
     class_word: str
     second_token: str = ""  # joint training of a second concept (inputs["second_images"])
     second_class_word: str = ""
-    steps: int = 200
-    learning_rate: float = 1e-3
+    steps: int = ZOO["steps"]
+    learning_rate: float = ZOO["learning_rate"]
     batch_size: int = 2
     regularization: bool = True
     prior_loss_weight: float = 1.0
@@ -365,7 +370,8 @@ def concept_features(components: Components, token: str, class_word: str) -> tor
     position from the modifier token to the end token of every template caption (the encoder is causal, so
     positions before V* are the same for every concept and are left to the regularisation term). The token must
     be installed (`added_tokens`)."""
-    prompts = [template.format(concept=concept_phrase(token, class_word)) for template in PROMPT_TEMPLATES]
+    phrase = concept_phrase(token, class_word)
+    prompts = [template.format(concept=phrase) for template in templates(components.domain)]
     features = encode_prompts(components.text_encoder, components.tokenizer, prompts)
     token_id = components.tokenizer.convert_tokens_to_ids(token)
     rows: dict[tuple[int, ...], torch.Tensor] = {}
@@ -402,7 +408,12 @@ def constrained_update(
     gram = c_reg.T @ c_reg
     gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     m_inv_ct = torch.linalg.solve(gram, c.T)  # M^-1 C^T: (D, m)
-    lagrange = torch.linalg.solve((c @ m_inv_ct).T, (v - w0 @ c.T).T).T  # (out, m); C M^-1 C^T is symmetric
+    # (out, m); C M^-1 C^T is symmetric, and singular when constraint rows repeat (a small text encoder gives
+    # near-equal features at the same word of two captions): least squares (gelsy, rank-revealing) then takes the
+    # minimum-norm multipliers, which meet every constraint the rows can meet; full rank, it is the plain solve.
+    # On the CPU: CUDA's lstsq has only the full-rank driver.
+    system, rhs = (c @ m_inv_ct).T.cpu(), (v - w0 @ c.T).T.cpu()
+    lagrange = torch.linalg.lstsq(system, rhs, driver="gelsy").solution.T.to(c.device)
     return (w0 + lagrange @ m_inv_ct.T).to(base.dtype)
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from models.common.components import Components, MethodOutput, OutputFile, ProgressCallback, no_progress
+from models.personalization.captions import caption_corpus
 from models.personalization.common import Adapter
 from models.personalization.custom_diffusion import diffusers_files, merge
-from models.personalization.perfusion import caption_corpus
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def run(
     # 2. Merge (eq. 4-5) over seeded regularisation captions
     first, second = adapters
     assert isinstance(first, Adapter) and isinstance(second, Adapter)
-    merged = merge(components, first, second, caption_corpus(params.regularization_captions))
+    merged = merge(components, first, second, caption_corpus(components.domain, params.regularization_captions))
     callback(1, 1)
     files = {name: OutputFile(data, "application/octet-stream") for name, data in diffusers_files(merged).items()}
     metrics: dict[str, float | int | str] = {

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from contract.domains import defaults
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.mixed_precision import MasterWeights
 from models.common.text import check_prompt
@@ -62,12 +63,16 @@ FROZEN_TEXT_PARAMS = ("token_embedding",)
 """Text-encoder parameters never trained: the embedding table (a dense delta of it would be V x D)."""
 
 
+# Params' defaults are the zoo's; the service fills a job's from its model's domain (contract/domains.py).
+ZOO = defaults("dreambooth", "shapesworld")
+
+
 @dataclass(frozen=True)
 class Params:
     token: str
     class_word: str
-    steps: int = 200
-    learning_rate: float = 2e-4
+    steps: int = ZOO["steps"]
+    learning_rate: float = ZOO["learning_rate"]
     batch_size: int = 2
     prior_preservation: bool = True
     prior_loss_weight: float = 1.0

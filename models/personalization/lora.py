@@ -29,6 +29,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 
+from contract.domains import defaults
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.mixed_precision import MasterWeights
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
@@ -48,6 +49,10 @@ PREFIXES = ("unet", "text_encoder", "text_encoder_2")  # what a file may hold; t
 _names = itertools.count()
 
 
+# Params' defaults are the zoo's; the service fills a job's from its model's domain (contract/domains.py).
+ZOO = defaults("lora", "shapesworld")
+
+
 @dataclass(frozen=True)
 class Params:
     token: str
@@ -55,8 +60,8 @@ class Params:
     rank: int = 4
     alpha: float = 4.0
     train_text_encoder: bool = False
-    steps: int = 300
-    learning_rate: float = 1e-3
+    steps: int = ZOO["steps"]
+    learning_rate: float = ZOO["learning_rate"]
     batch_size: int = 4
     flip: bool = False
     checkpoint_every: int = 50

@@ -20,7 +20,8 @@ it computes the stock scaled-dot-product attention with the edited keys and valu
 Adapter tensors: `token_embeddings` (1, D), `i_star`, `i_class`, `direction` (u) (D,), and `<layer>.value_target`
 (hidden,) per attn2 layer; the gate's bias and temperature are metadata.
 Not implemented: the paper's global locking variant (locking o*_V too), the cross-attention mask loss, and the
-prior-preservation tricks; the caption corpus for C is ShapesWorld's captions, seeded (`caption_corpus`).
+prior-preservation tricks; the caption corpus for C is a seeded stand-in for the paper's (`captions.caption_corpus`:
+ShapesWorld's captions on the zoo, composed plain English captions on any other model).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -41,10 +41,10 @@ from models.common.attention import attention_input, attention_output, cross_att
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.mixed_precision import optimizer_step
 from models.common.text import check_prompt, encode_prompts
+from models.personalization.captions import caption_corpus, context_prompts
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
 from models.personalization.concepts import TOKEN_EMBEDDINGS_KEY, check_concept, identifier_vectors, images_list
 from models.personalization.training import (
-    PROMPT_TEMPLATES,
     TrainingLog,
     added_tokens,
     check_at_least_one,
@@ -53,11 +53,8 @@ from models.personalization.training import (
     train_parameters,
     training_metrics,
 )
-from models.shapes.world import caption, sample_scene
 
 VALUE_SUFFIX = ".value_target"
-CORPUS_SIZE = 400
-CORPUS_SEED = 1234
 
 
 @dataclass(frozen=True)
@@ -163,12 +160,6 @@ def edited_attention(components: Components, edit: ConceptEdit) -> Iterator[None
 # Encodings
 
 
-def caption_corpus(count: int = CORPUS_SIZE, seed: int = CORPUS_SEED) -> list[str]:
-    """`count` seeded ShapesWorld captions: the corpus whose encodings give the covariance C."""
-    rng = np.random.default_rng(seed)
-    return [caption(sample_scene(rng), rng) for _ in range(count)]
-
-
 @torch.no_grad()
 def inverse_covariance(components: Components, prompts: list[str], ridge: float = 1e-3) -> torch.Tensor:
     """C^-1 for C = E[e e^T] over every real token position of `prompts` (+ ridge * mean diag * I): (D, D)."""
@@ -178,20 +169,6 @@ def inverse_covariance(components: Components, prompts: list[str], ridge: float 
     covariance = encodings.T @ encodings / encodings.shape[0]
     covariance = covariance + ridge * covariance.diagonal().mean() * torch.eye(covariance.shape[0])
     return torch.linalg.inv(covariance.double()).float()
-
-
-def context_prompts(token: str, count: int = 32, seed: int = CORPUS_SEED) -> list[str]:
-    """Captions with `token` in varied contexts: the training templates, then seeded ShapesWorld captions whose
-    first shape word is replaced by the token ("a small blue <s1> at the top left on a dark background")."""
-    prompts = [template.format(concept=token) for template in PROMPT_TEMPLATES]
-    rng = np.random.default_rng(seed)
-    while len(prompts) < count:
-        scene = sample_scene(rng, n_objects=1)
-        text = caption(scene, rng)
-        shape = scene.objects[0].shape
-        if f" {shape}" in text:
-            prompts.append(text.replace(f" {shape}", f" {token}", 1))
-    return prompts
 
 
 def mean_encoding(components: Components, prompts: list[str], word: str) -> torch.Tensor:
@@ -248,7 +225,7 @@ def run(
     latents = images_to_latents(components, images, flip=params.flip)
     with torch.no_grad():
         i_class = word_encoding(components, f"a {params.class_word}", params.class_word)
-        inverse_cov = inverse_covariance(components, caption_corpus()).to(components.device)
+        inverse_cov = inverse_covariance(components, caption_corpus(components.domain)).to(components.device)
 
     # 3. Trainables: S*'s embedding and o*_V per layer, and the edit they drive
     embedding, value_targets = edit_trainables(components, i_class, generator)
@@ -311,7 +288,7 @@ def optimise(
     the loop only; before every step, and once after the last, i* and u are recomputed from the embedding."""
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=params.learning_rate, weight_decay=0.0)
     scheduler = components.ddim()
-    contexts = context_prompts(params.token)
+    contexts = context_prompts(components.domain, params.token)
     with ExitStack() as stack:
         stack.enter_context(added_tokens(components, [params.token], trainable[TOKEN_EMBEDDINGS_KEY]))
         stack.enter_context(edited_attention(components, edit))

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from contract.domains import defaults
 from models.common.components import Components, MethodOutput, ProgressCallback, no_progress
 from models.common.mixed_precision import optimizer_step
 from models.personalization.common import Adapter, Checkpoints, tokens_metadata
@@ -43,14 +44,18 @@ VECTORS_KEY = "vectors"
 SDXL_KEYS = ("clip_l", "clip_g")  # an SDXL embedding's vectors for the first and the second text encoder
 
 
+# Params' defaults are the zoo's; the service fills a job's from its model's domain (contract/domains.py).
+ZOO = defaults("textual-inversion", "shapesworld")
+
+
 @dataclass(frozen=True)
 class Params:
     token: str
     class_word: str
     init_word: str = ""  # default: the class word
     num_vectors: int = 1
-    steps: int = 300
-    learning_rate: float = 5e-3
+    steps: int = ZOO["steps"]
+    learning_rate: float = ZOO["learning_rate"]
     batch_size: int = 4
     flip: bool = False
     checkpoint_every: int = 50

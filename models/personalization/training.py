@@ -1,7 +1,7 @@
 """Shared helpers of every personalization method: data, prompts, the denoising loss, tokens, and the loop.
 
 - `images_to_latents`: training images -> VAE latents (optionally with horizontal flips);
-- `PROMPT_TEMPLATES` / `training_prompts`: captions over the ShapesWorld vocabulary with the concept in them;
+- `training_prompts`: captions with the concept in them, in the words of the model's domain (`captions.py`);
 - `noise_prediction_loss`: the latent-diffusion training objective (Ho et al. 2020, eq. 14, on latents);
 - `added_tokens`: a context manager that adds new tokens to the tokenizer and text encoder and removes them after,
   leaving the shared components exactly as they were (the base embedding table is never written);
@@ -27,22 +27,14 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image, ImageOps
 from transformers import CLIPTokenizer
 
+from contract.domains import Domain
 from models.common.components import Components, ProgressCallback
 from models.common.latents import encode, images_to_tensor, randn
 from models.common.mixed_precision import MasterWeights
 from models.common.prediction import training_target
 from models.common.text import encode_prompts
+from models.personalization.captions import templates
 from models.personalization.common import Checkpoints
-
-PROMPT_TEMPLATES: tuple[str, ...] = (
-    "a {concept}",
-    "a {concept} on a light background",
-    "a {concept} against a light background",
-    "a {concept} on light",
-)
-"""Captions for the training images, in the words the base model was trained on (`models.shapes.world`).
-
-They name no colour, size or position, so those stay with the words that the prompt adds at inference."""
 
 
 def concept_phrase(token: str, class_word: str) -> str:
@@ -50,10 +42,12 @@ def concept_phrase(token: str, class_word: str) -> str:
     return f"{token} {class_word}".strip()
 
 
-def training_prompts(concept: str, count: int, generator: torch.Generator) -> list[str]:
-    """`count` captions drawn from `PROMPT_TEMPLATES` with `concept` (e.g. "<s1> circle") in them."""
-    picks = torch.randint(0, len(PROMPT_TEMPLATES), (count,), generator=generator).tolist()
-    return [PROMPT_TEMPLATES[i].format(concept=concept) for i in picks]
+def training_prompts(concept: str, count: int, generator: torch.Generator, domain: Domain) -> list[str]:
+    """`count` captions drawn from the model domain's templates (`captions.templates`) with `concept` (e.g.
+    "<s1> circle") in them."""
+    choices = templates(domain)
+    picks = torch.randint(0, len(choices), (count,), generator=generator).tolist()
+    return [choices[i].format(concept=concept) for i in picks]
 
 
 @torch.no_grad()
@@ -340,11 +334,11 @@ def concept_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Per-example denoising loss (batch_size,) on `batch_size` rows of `latents` (N, 4, h, w) captioned with
-    `phrase` in random `PROMPT_TEMPLATES`, through `components`' UNet, text encoder and tokenizer (read now, so
-    added tokens and installed layers count). Draws, in order: the rows, the templates, then the loss's noise
-    and timesteps, all from `generator`."""
+    `phrase` in random templates of the model's domain, through `components`' UNet, text encoder and tokenizer
+    (read now, so added tokens and installed layers count). Draws, in order: the rows, the templates, then the
+    loss's noise and timesteps, all from `generator`."""
     rows = pick(latents.shape[0], batch_size, generator)
-    prompts = training_prompts(phrase, batch_size, generator)
+    prompts = training_prompts(phrase, batch_size, generator, components.domain)
     cond = encode_prompts(components.text_encoder, components.tokenizer, prompts)
     return noise_prediction_loss(components.unet, scheduler, latents[rows], cond, generator)
 

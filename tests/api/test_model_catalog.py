@@ -13,6 +13,7 @@ from api.catalog import list_models
 from store.settings import Settings
 from tests.conftest import ZOO_MODEL, make_tenant
 from tests.control_models import CONTROLNET, SDXL, SDXL_INDEX, SDXL_SCHEDULER, SDXL_UNET, SDXL_VAE, write_configs
+from tests.images import b64, png_bytes
 
 SD_INDEX = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}
 SD_UNET = {
@@ -151,3 +152,41 @@ def test_an_image_size_left_out_is_the_models_native_one(settings: Settings, tmp
         kept = client.post("/v1/generations/text-to-image", json=given, headers=auth)
         assert kept.status_code == 201, kept.text
         assert (kept.json()["params"]["width"], kept.json()["params"]["height"]) == (256, 384)
+
+
+def test_defaults_tuned_on_the_zoo_apply_to_zoo_models_only(
+    settings: Settings, tmp_path: Path, client: TestClient, auth: dict[str, str]
+) -> None:
+    """Imagic's and the trainings' steps and rates left out come from the job's model: the paper's on a general
+    model (an SD 1.5 folder), the zoo-tuned ones on a ShapesWorld model (its `atelier.json` says so); the job
+    records them, and a value given is kept. Before, every model got the zoo's (DreamBooth at 2e-4 on SD 1.5)."""
+    image = "data:image/png;base64," + b64(png_bytes())
+    imagic = {"image": image, "target_prompt": "a blue circle"}
+    dreambooth = {"images": [image] * 3, "token": "<s1>", "class_word": "circle"}
+
+    def made(on: TestClient, headers: dict[str, str], path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = on.post(path, json=body, headers=headers)
+        assert response.status_code == 201, response.text
+        return dict(response.json()["params"])
+
+    zoo = {m["name"]: m for m in client.get("/v1/models", headers=auth).json()}[ZOO_MODEL.name]
+    assert zoo["domain"] == "shapesworld"
+    zoo_imagic = made(client, auth, "/v1/edits/imagic", imagic | {"model": ZOO_MODEL.name})
+    assert [zoo_imagic[k] for k in ("embedding_steps", "embedding_lr", "finetune_steps", "finetune_lr")] == [
+        100, 2e-3, 150, 6e-5
+    ]
+    zoo_db = made(client, auth, "/v1/trainings/dreambooth", dreambooth | {"model": ZOO_MODEL.name})
+    assert (zoo_db["steps"], zoo_db["learning_rate"]) == (200, 2e-4)
+
+    general_auth = {"Authorization": f"Bearer {make_tenant(settings)[1]}"}
+    with client_on_folder(settings, tmp_path / "sd15", SD_INDEX, SD_UNET, SD_VAE, SD1_SCHEDULER) as general:
+        listed = {m["name"]: m for m in general.get("/v1/models", headers=general_auth).json()}
+        assert listed["sd15"]["domain"] == "general"
+        sd_imagic = made(general, general_auth, "/v1/edits/imagic", imagic | {"model": "sd15"})
+        assert [sd_imagic[k] for k in ("embedding_steps", "embedding_lr", "finetune_steps", "finetune_lr")] == [
+            500, 1e-3, 1000, 2e-6
+        ]
+        sd_db = made(general, general_auth, "/v1/trainings/dreambooth", dreambooth | {"model": "sd15"})
+        assert (sd_db["steps"], sd_db["learning_rate"]) == (400, 5e-6)
+        sd_lora = made(general, general_auth, "/v1/trainings/lora", dreambooth | {"model": "sd15", "steps": 7})
+        assert (sd_lora["steps"], sd_lora["learning_rate"]) == (7, 1e-4)
