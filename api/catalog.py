@@ -22,7 +22,10 @@ KNOWN_FAMILIES = {
     (1024, (320, 640, 1280, 1280)): "sd2",
     (2048, (320, 640, 1280)): "sdxl",
 }
-ADAPTER_FAMILIES = {(320, 640, 1280, 1280): "sd1", (320, 640, 1280): "sdxl"}  # a T2I-Adapter has no text width
+# A T2I-Adapter has no text width: SD 1.x's is known by its channels, SDXL's by its type (`full_adapter_xl`; its
+# four channels are SD 1.x's: one map per SDXL encoder level and a fourth for the middle block).
+ADAPTER_FAMILIES: dict[tuple[int, ...], str] = {(320, 640, 1280, 1280): "sd1"}
+SDXL_ADAPTER = "full_adapter_xl"
 
 # Condition types guessed from a control model's folder name when it carries no `atelier.json`.
 CONDITION_WORDS = ("canny", "depth", "seg", "mask", "scribble", "sketch", "openpose", "mlsd", "lineart", "normal")
@@ -42,9 +45,11 @@ def _channels(config: dict[str, Any], key: str) -> tuple[int, ...]:
 
 
 def family(config: dict[str, Any]) -> str:
-    """The family of a UNet's or ControlNet's config (or a T2I-Adapter's, by its channels); SDXL's added text-time
-    conditioning marks it at any width."""
+    """The family of a UNet's or ControlNet's config (or a T2I-Adapter's, by its type and channels); SDXL's added
+    text-time conditioning (an adapter: its SDXL type) marks it at any width."""
     if config.get("_class_name") == "T2IAdapter":
+        if config.get("adapter_type") == SDXL_ADAPTER:
+            return "sdxl"
         return ADAPTER_FAMILIES.get(_channels(config, "channels"), "custom")
     if config.get("addition_embed_type") == "text_time":
         return "sdxl"
@@ -117,12 +122,12 @@ def describe(folder: Path, default_name: str) -> ModelOut:
         unet_in_channels=in_channels if isinstance(in_channels, int) else None,
         sample_size=sample * factor if isinstance(sample, int) and factor else None,
         prediction_type=prediction if isinstance(prediction, str) else "epsilon",
+        domain=folder_domain(folder),
     )
 
 
 def describe_control(folder: Path, kind: ModelKind) -> ModelOut:
     """A control model; its condition type and base model come from an optional `atelier.json` beside its config
-        domain=folder_domain(folder),
     (the zoo's trainers write one), else the condition is guessed from the folder's name."""
     config = _read_json(folder / "config.json")
     notes = _read_json(folder / "atelier.json")
@@ -181,37 +186,54 @@ def find_control(models_dir: Path, name: str) -> ModelOut | None:
     return describe_control(folder, kind) if folder is not None and kind is not None else None
 
 
-# Config fields a ControlNet must share with the UNet for its residuals to fit the UNet's skip connections.
-CONTROLNET_FIT = ("cross_attention_dim", "block_out_channels", "layers_per_block", "down_block_types", "in_channels")
+# Config fields a ControlNet must share with the UNet for its residuals to fit the UNet's skip connections, and, for
+# an SDXL one, for its added text-time embedding to read the conditioning the UNet is given.
+CONTROLNET_FIT = (
+    "cross_attention_dim",
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "in_channels",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+)
 
 
 def control_misfit(models_dir: Path, control: str, base: str) -> str | None:
     """Why control model `control` cannot run on base model `base` (both exist), or None when it fits: a ControlNet
-    must copy the UNet's encoder structure, a T2I-Adapter must give one feature map per encoder level with its
-    channels."""
+    must copy the UNet's encoder structure (SDXL's with its added text-time embedding), a T2I-Adapter must give one
+    feature map per encoder level with its channels (SDXL's type, `full_adapter_xl`, may add a fourth for the middle
+    block, at the last level's width). A control of the SDXL family never fits a base of another, nor the reverse."""
     if not (models_dir / base).is_dir():
         return "controls on single-file base models are not supported yet (their fit is read from a folder's configs)"
     unet = _read_json(models_dir / base / "unet" / "config.json")
     config = _read_json(models_dir / control / "config.json")
-    if config.get("_class_name") == "T2IAdapter":
-        theirs, ours = _channels(config, "channels"), _channels(unet, "block_out_channels")
+    base_xl = is_sdxl(_read_json(models_dir / base / "model_index.json"), unet)
+    adapter = config.get("_class_name") == "T2IAdapter"
+    kind = "T2I-Adapter" if adapter else "ControlNet"
+    if adapter:
+        control_xl = config.get("adapter_type") == SDXL_ADAPTER
+    else:
+        control_xl = config.get("addition_embed_type") == "text_time"
+    if control_xl and not base_xl:
+        return f"an SDXL {kind} runs on SDXL base models only"
+    if base_xl and not control_xl:
+        return (
+            f"an SDXL base model takes SDXL control models only (a ControlNet with added text-time conditioning, a "
+            f"T2I-Adapter of type {SDXL_ADAPTER}); this {kind} is not one"
+        )
+    if adapter:
+        ours, theirs = _channels(unet, "block_out_channels"), _channels(config, "channels")
+        if control_xl and ours and theirs == (*ours, ours[-1]):
+            return None  # the released SDXL adapters' layout: the fourth map goes to the middle block
         if theirs != ours:
             return f"its channels {list(theirs)} are not the base's encoder channels {list(ours)}"
         return None
     for key in CONTROLNET_FIT:
         if config.get(key) != unet.get(key):
             return f"its {key} is {config.get(key)!r}, the base's is {unet.get(key)!r}"
-    if config.get("addition_embed_type"):
-        return "SDXL ControlNets (added text-time conditioning) are not supported yet"
     return None
-
-
-def sdxl_misfit(models_dir: Path, base: str) -> str | None:
-    """Why no control model runs on base model `base` yet: SDXL's (the controls' code passes no added
-    conditioning and is untested on SDXL); None for other families."""
-    index = _read_json(models_dir / base / "model_index.json")
-    unet = _read_json(models_dir / base / "unet" / "config.json")
-    return "controls on SDXL base models are not supported yet" if is_sdxl(index, unet) else None
 
 
 def model_for(models_dir: Path, default_name: str, kind: str) -> str:

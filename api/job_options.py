@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.catalog import control_misfit, find_control, find_model, model_for, sdxl_misfit
+from api.catalog import control_misfit, find_control, find_model, model_for
 from api.checkpoint_catalog import refusal
 from api.errors import invalid, not_found
 from api.schemas import ModelOut
@@ -85,7 +85,8 @@ def resolve_adapters(session: Session, tenant_id: str, refs: list[AdapterRef], m
 
 
 def resolve_controls(request: JobRequest, model_name: str, settings: Settings) -> list[dict[str, Any]]:
-    """Each control model must exist and fit the job's base model; a T2I-Adapter takes no step range."""
+    """Each control model must exist and fit the job's base model (its family, then its structure: SDXL's control
+    models on SDXL bases only, and only they there); a T2I-Adapter takes no step range."""
     if not isinstance(request, ControlledRequest):
         return []
     base = find_model(settings.models_dir, model_name, settings.default_model)
@@ -95,9 +96,7 @@ def resolve_controls(request: JobRequest, model_name: str, settings: Settings) -
         control = find_control(settings.models_dir, ref.model)
         if control is None:
             raise invalid(name, f"control model {ref.model!r} not found (GET /v1/models lists them)")
-        misfit = sdxl_misfit(settings.models_dir, model_name) or control_misfit(
-            settings.models_dir, ref.model, model_name
-        )
+        misfit = control_misfit(settings.models_dir, ref.model, model_name)
         if misfit is not None:
             family = base.family if base is not None else "unknown"
             raise invalid(
@@ -122,6 +121,8 @@ def resolve_grounding(request: JobRequest, model_name: str, settings: Settings) 
         raise invalid(
             "grounding", f"base model {model_name} has no GLIGEN layers (capability `gligen` in GET /v1/models)"
         )
+    if base.family == "sdxl":  # GLIGEN's grounding tokens are one text encoder's; SDXL cross-attends to two
+        raise invalid("grounding", f"GLIGEN grounding on SDXL base models ({model_name}) is not supported")
     return {
         "boxes": [box.model_dump(mode="json") for box in request.grounding],
         "fraction": request.grounding_fraction,
@@ -138,8 +139,8 @@ def resolve_options(
     return JobOptions(
         model=model,
         sample_size=found.sample_size,
-        seed=request.seed,
         domain=found.domain or "general",
+        seed=request.seed,
         adapters=resolve_adapters(session, tenant_id, request.adapters, model),
         callback_url=str(request.callback_url) if request.callback_url else None,
         controls=resolve_controls(request, model, settings),

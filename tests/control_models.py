@@ -2,7 +2,8 @@
 of the zoo UNet, each with random weights where training would have put some (the zero convolutions, the gates),
 so that a control visibly steers the output. `write_test_models` saves them in diffusers' format beside the zoo's
 base models, as a server's models directory holds them, with an SDXL folder of configs only (no weights) for the
-catalog and a tiny SDXL-shaped model with weights (tests/families.py) for the worker."""
+catalog and a tiny SDXL-shaped model with weights (tests/families.py) for the worker, with its own ControlNet and
+T2I-Adapter."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ GLIGEN = "test-sd-gligen"
 OTHER_FAMILY = "test-controlnet-other-family"
 SDXL = "test-sdxl-configs"
 SDXL_TINY = "test-sdxl-tiny"
+SDXL_CONTROLNET = "test-sdxl-controlnet-canny"  # a ControlNet and a T2I-Adapter of the tiny SDXL model
+SDXL_ADAPTER = "test-sdxl-t2i-adapter-sketch"
 
 # Stable Diffusion XL 1.0 base's configs (the parts the catalog reads), as stabilityai/stable-diffusion-xl-base-1.0
 # ships them.
@@ -79,7 +82,8 @@ def write_configs(
 
 def tiny_controlnet(unet: UNet2DConditionModel, vae_scale: int, seed: int) -> ControlNetModel:
     """A ControlNet copied from `unet` (its conditioning embedding downsamples by the VAE's factor), with random
-    zero convolutions."""
+    zero convolutions. An SDXL one's added text-time embedding is given random weights too: as a copy of the UNet's
+    it makes the size numbers move the residuals too little to see, so a test could not tell them from wrong ones."""
     channels = tuple(16 * 2**i for i in range(int(np.log2(vae_scale)) + 1))
     model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     torch.manual_seed(seed)
@@ -90,13 +94,22 @@ def tiny_controlnet(unet: UNet2DConditionModel, vae_scale: int, seed: int) -> Co
             model.controlnet_cond_embedding.conv_out,
         ]:
             block.weight.normal_(0.0, 0.05)
+        if model.config.addition_embed_type == "text_time":
+            for layer in (model.add_embedding.linear_1, model.add_embedding.linear_2):
+                layer.weight.normal_(0.0, 0.3)
     return model.eval()
 
 
 def tiny_adapter(unet: UNet2DConditionModel, vae_scale: int, seed: int) -> T2IAdapter:
-    """A randomly initialised T2I-Adapter with one feature map per encoder level of `unet`."""
+    """A randomly initialised T2I-Adapter with one feature map per encoder level of `unet`; for an SDXL UNet, SDXL's
+    type (`full_adapter_xl`: its first map at twice the VAE's factor, and a fourth for the middle block)."""
     torch.manual_seed(seed)
     channels = list(unet.config.block_out_channels)
+    if unet.config.addition_embed_type == "text_time":
+        xl_channels = [*channels, channels[-1]]
+        return T2IAdapter(
+            3, xl_channels, num_res_blocks=1, downscale_factor=2 * vae_scale, adapter_type="full_adapter_xl"
+        ).eval()
     return T2IAdapter(3, channels, num_res_blocks=1, downscale_factor=vae_scale).eval()
 
 
@@ -117,7 +130,7 @@ def gligen_unet(unet: UNet2DConditionModel, seed: int) -> UNet2DConditionModel:
 
 def write_test_models(zoo: Path, base: str, out: Path) -> None:
     """Link the zoo's models (base and control) into `out` and save the test control models there, built on
-    `base`, the SDXL configs and the tiny SDXL model."""
+    `base`, the SDXL configs, and the tiny SDXL model with its ControlNet and T2I-Adapter."""
     out.mkdir(parents=True, exist_ok=True)
     for folder in sorted(zoo.iterdir()):
         if (folder / "model_index.json").is_file() or (folder / "atelier.json").is_file():
@@ -140,7 +153,12 @@ def write_test_models(zoo: Path, base: str, out: Path) -> None:
     write_configs(out / SDXL, SDXL_INDEX, SDXL_UNET, SDXL_VAE, SDXL_SCHEDULER)
     from tests.families import save_folder, sdxl_components
 
-    save_folder(sdxl_components(seed=0), out / SDXL_TINY)
+    sdxl = sdxl_components(seed=0)
+    save_folder(sdxl, out / SDXL_TINY)
+    tiny_controlnet(sdxl.unet, sdxl.vae_scale, seed=1).save_pretrained(out / SDXL_CONTROLNET)
+    (out / SDXL_CONTROLNET / "atelier.json").write_text(json.dumps({"condition": "canny", "base_model": SDXL_TINY}))
+    tiny_adapter(sdxl.unet, sdxl.vae_scale, seed=5).save_pretrained(out / SDXL_ADAPTER)
+    (out / SDXL_ADAPTER / "atelier.json").write_text(json.dumps({"condition": "sketch", "base_model": SDXL_TINY}))
 
 
 def stock_pipeline(pipeline_class: type[Any], components: Components, **extra: Any) -> Any:

@@ -81,7 +81,8 @@ def ddim_sample(
 ) -> torch.Tensor:
     """Denoise `latents` (B, C, h, w) through `timesteps` with deterministic DDIM (eta = 0), with `control`
     (ControlNets, T2I-Adapters, GLIGEN grounding) adding its UNet arguments at the steps each covers, and `added`
-    (SDXL's added conditioning, `models.common.conditioning`) at every step.
+    (SDXL's added conditioning, `models.common.conditioning`) at every step, to the UNet and to `control`'s
+    ControlNets.
     `scheduler` must have the model's prediction_type (`Components.ddim()`): it receives the UNet's raw output."""
     total = len(timesteps)
     for index, timestep in enumerate(timesteps):
@@ -89,7 +90,7 @@ def ddim_sample(
         extras = None
         if control:
             control.step(index, total)
-            extras = partial(control.extras, index, total)
+            extras = partial(control.extras, index, total, added=added)  # an SDXL ControlNet's too
         noise = guided_noise(unet, model_input, timestep, cond, uncond, guidance_scale, combined(added, extras))
         latents = scheduler.step(noise, timestep, latents).prev_sample
         callback(index + 1, total)

@@ -3,8 +3,10 @@ map) into one feature map per UNet encoder level, added inside the encoder.
 
 Its point is cost: the features do not depend on the noisy latents or the timestep, so they are computed once per
 job, not once per step as a ControlNet's residuals are (sec. 3.2). Implemented: one or several adapters, each with
-a scale (their scaled features are summed, as diffusers' `MultiAdapter` does with weights), on every step.
-Not implemented: the SDXL adapter's step fraction, training (the zoo's scripts).
+a scale (their scaled features are summed, as diffusers' `MultiAdapter` does with weights), on every step. On SDXL
+the adapter is SDXL's type (`full_adapter_xl`: its first map at twice the VAE's factor, after SDXL's first, plain
+encoder level), as in diffusers' `StableDiffusionXLAdapterPipeline`.
+Not implemented: the SDXL adapter's step fraction (`adapter_conditioning_factor`), training (the zoo's scripts).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import T2IAdapter
+from diffusers import T2IAdapter, UNet2DConditionModel
+
+SDXL_ADAPTER = "full_adapter_xl"  # the adapter type made for SDXL's UNet
 
 
 @dataclass(frozen=True)
@@ -36,3 +40,16 @@ def adapter_features(adapters: Sequence[AdapterControl]) -> list[torch.Tensor]:
         features = [feature * adapter.scale for feature in adapter.model(adapter.condition)]
         total = features if not total else [a + b for a, b in zip(total, features, strict=True)]
     return total
+
+
+def check_adapter_fit(name: str, model: T2IAdapter, unet: UNet2DConditionModel) -> None:
+    """Raise ValueError naming the field unless the adapter's type is made for `unet`'s family: SDXL's for a UNet
+    with SDXL's added text-time conditioning, another for any other (the API refuses a misfit first, with its
+    channels, from the configs on disk)."""
+    kind = model.config.get("adapter_type")
+    sdxl = unet.config.get("addition_embed_type") == "text_time"
+    if (kind == SDXL_ADAPTER) != sdxl:
+        wanted = f"of type {SDXL_ADAPTER!r}" if sdxl else f"of a type other than {SDXL_ADAPTER!r}"
+        raise ValueError(
+            f"{name} does not fit the base model: its UNet takes a T2I-Adapter {wanted}, this one is of type {kind!r}"
+        )

@@ -4,8 +4,10 @@ UNet by zero convolutions, whose outputs are added to the UNet's skip connection
 Implemented: one or several ControlNets in one job (their residuals are summed, as in the paper's multi-condition
 composition, sec. 4.3), each with a conditioning scale and a step range [start, end) given as fractions of the
 sampling schedule; the condition is an RGB image in [0, 1] at the generation's size; classifier-free guidance
-feeds the condition to both halves of the batch (not the paper's "guess mode").
-Not implemented here: training (the zoo's scripts), guess mode, the SDXL ControlNet's added conditioning.
+feeds the condition to both halves of the batch (not the paper's "guess mode"). An SDXL ControlNet (a copy of
+SDXL's encoder, with its added text-time embedding) gets the UNet's added conditioning at each step
+(`models/control/inputs.py`), as in diffusers' `StableDiffusionXLControlNetPipeline`.
+Not implemented here: training (the zoo's scripts), guess mode.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image
 
 
@@ -57,3 +59,32 @@ def check_controls(controls: Sequence[Control], width: int, height: int) -> None
         check_condition(name, control.scale, control.condition, width, height)
         if not 0.0 <= control.start < control.end <= 1.0:
             raise ValueError(f"{name} needs 0 <= start < end <= 1, got start {control.start} and end {control.end}")
+
+
+# Config fields a ControlNet shares with the UNet it was copied from: its residuals fit the UNet's skip connections
+# only with the same encoder, and an SDXL one reads the added conditioning an SDXL UNet is given (api/catalog.py
+# checks the same fields in the configs on disk).
+FIT = (
+    "cross_attention_dim",
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "in_channels",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+)
+
+
+def check_fit(name: str, model: ControlNetModel, unet: UNet2DConditionModel) -> None:
+    """Raise ValueError naming the field unless the ControlNet `model` has the encoder structure of `unet` (the
+    API refuses a misfit first, from the configs on disk; this keeps the method's own contract)."""
+    for key in FIT:
+        theirs, ours = model.config.get(key), unet.config.get(key)
+        if _plain(theirs) != _plain(ours):
+            raise ValueError(f"{name} does not fit the base model: its {key} is {theirs!r}, the UNet's is {ours!r}")
+
+
+def _plain(value: object) -> object:
+    """A config value comparable whether it was saved as a list or built as a tuple."""
+    return tuple(value) if isinstance(value, list | tuple) else value

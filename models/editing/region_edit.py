@@ -325,7 +325,7 @@ def _edit(
             extras = None
             if control:
                 control.step(index, len(timesteps))
-                extras = partial(control.extras, index, len(timesteps))
+                extras = partial(control.extras, index, len(timesteps), added=added)
             try:
                 eps = guided_noise(
                     components.unet, model_input, timestep, cond, uncond, params.guidance_scale, combined(added, extras)

@@ -97,8 +97,9 @@ def test_a_method_sdxl_does_not_run_is_422_naming_the_model_and_family(
     ]
 
 
-def test_controls_on_an_sdxl_model_are_422(client: TestClient, auth: dict[str, str]) -> None:
-    """The controls' code passes no added conditioning: no control model is accepted on an SDXL base."""
+def test_a_control_model_of_another_family_on_an_sdxl_model_is_422(client: TestClient, auth: dict[str, str]) -> None:
+    """An SDXL base takes SDXL control models only (tests/api/test_controls_api.py): the zoo's ControlNet is not
+    one."""
     body = {
         "prompt": "a red circle",
         "model": SDXL,
@@ -108,7 +109,7 @@ def test_controls_on_an_sdxl_model_are_422(client: TestClient, auth: dict[str, s
     assert response.status_code == 422, response.text
     (detail,) = response.json()["error"]["details"]
     assert detail["field"] == "controls[0].model"
-    assert detail["message"].endswith("controls on SDXL base models are not supported yet"), detail
+    assert detail["message"].endswith("this ControlNet is not one"), detail
 
 
 def client_on_folder(settings: Settings, folder: Path, *configs: dict[str, Any]) -> TestClient:

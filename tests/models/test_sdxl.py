@@ -12,6 +12,7 @@ conditioning.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,11 @@ def image() -> Image.Image:
     return Image.fromarray(np.kron(cells, np.ones((SIZE // 8, SIZE // 8, 1))).astype(np.uint8))
 
 
-def stock_xl(pipeline_class: type[Any], components: Components) -> Any:
-    """A diffusers SDXL pipeline on the same weights, with a DDIM scheduler of the config the model ships."""
+def stock_xl(pipeline_class: type[Any], components: Components, **extra: Any) -> Any:
+    """A diffusers SDXL pipeline on the same weights, with a DDIM scheduler of the config the model ships; `extra`:
+    its control models."""
+    if "add_watermarker" in inspect.signature(pipeline_class).parameters:  # the adapter pipeline has none
+        extra["add_watermarker"] = False
     pipe = pipeline_class(
         vae=components.vae,
         text_encoder=components.text_encoder,
@@ -86,7 +90,7 @@ def stock_xl(pipeline_class: type[Any], components: Components) -> Any:
         unet=components.unet,
         scheduler=DDIMScheduler.from_config(SDXL_SCHEDULER),
         force_zeros_for_empty_prompt=components.force_zeros_for_empty_prompt,
-        add_watermarker=False,
+        **extra,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

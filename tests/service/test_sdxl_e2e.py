@@ -1,6 +1,7 @@
 """SDXL through the real stack (issue 12): the tiny SDXL-shaped model (tests/families.py) in the models directory,
-loaded by a Celery worker process with both text encoders, runs text-to-image as it runs in-process, and a region
-edit with an imported SDXL textual-inversion embedding; a method SDXL does not run is refused before the worker."""
+loaded by a Celery worker process with both text encoders, runs text-to-image as it runs in-process (also with its
+ControlNet, tests/control_models.py), and a region edit with an imported SDXL textual-inversion embedding; a method
+SDXL does not run is refused before the worker."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 from safetensors.torch import save as save_safetensors
 
+from models.control.controlnet import Control, condition_tensor
+from models.control.preprocess import preprocess
 from models.generation import text_to_image
+from models.shapes.world import Scene, ShapeObject, render
 from tests.conftest import wait_for
-from tests.control_models import SDXL_TINY
+from tests.control_models import SDXL_CONTROLNET, SDXL_TINY, tiny_controlnet
 from tests.families import SDXL_IMAGE_SIZE, SDXL_WIDTHS, sdxl_components
 from tests.service.test_editing_e2e_region import download, upload
 
@@ -36,6 +41,25 @@ def test_text_to_image_on_sdxl_is_the_in_process_run(client: TestClient, auth: d
     params = text_to_image.Params(PROMPT, steps=3, guidance_scale=5.0)
     local = text_to_image.run(sdxl_components(seed=0), params, generator=torch.Generator().manual_seed(5)).images[0]
     assert np.abs(served - np.asarray(local, dtype=np.int16)).max() <= 1
+
+
+def test_an_sdxl_controlnet_job_is_the_in_process_run(client: TestClient, auth: dict[str, str]) -> None:
+    """An edge map for the SDXL model's ControlNet (with a scale and a step range): the worker's image equals the
+    method run in-process with the same ControlNet, condition and seed (within 1/255), and the control changes it."""
+    scene = Scene((ShapeObject("square", "blue", "large", "top left", "solid"),), "dark")
+    edges = preprocess("canny", render(scene, SDXL_IMAGE_SIZE).image)
+    controls = [{"model": SDXL_CONTROLNET, "condition": upload(client, auth, edges), "scale": 0.8, "end": 0.7}]
+    served = succeeded(
+        client, auth, "/v1/generations/text-to-image", {"prompt": PROMPT, "guidance_scale": 5.0, "controls": controls}
+    )
+    sdxl = sdxl_components(seed=0)
+    condition = condition_tensor(Image.fromarray(edges), sdxl.device, sdxl.dtype)
+    control = Control(tiny_controlnet(sdxl.unet, sdxl.vae_scale, seed=1), condition, scale=0.8, end=0.7)
+    params = text_to_image.Params(PROMPT, steps=3, guidance_scale=5.0)
+    local = text_to_image.run(sdxl, params, {"controls": [control]}, generator=torch.Generator().manual_seed(5))
+    assert np.abs(served - np.asarray(local.images[0], dtype=np.int16)).max() <= 1
+    plain = text_to_image.run(sdxl, params, generator=torch.Generator().manual_seed(5)).images[0]
+    assert np.abs(served - np.asarray(plain, dtype=np.int16)).max() > 8
 
 
 def test_region_edit_with_an_imported_sdxl_embedding(client: TestClient, auth: dict[str, str]) -> None:
