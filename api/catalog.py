@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from api.schemas import ModelKind, ModelOut
+from contract.controls import CONTROLNET_FIT
 from contract.domains import folder_domain
 from contract.registry import methods
 from contract.spec import ModelCapability
@@ -184,20 +185,6 @@ def find_control(models_dir: Path, name: str) -> ModelOut | None:
     folder = _folder(models_dir, name)
     kind = _control_kind(folder) if folder is not None else None
     return describe_control(folder, kind) if folder is not None and kind is not None else None
-
-
-# Config fields a ControlNet must share with the UNet for its residuals to fit the UNet's skip connections, and, for
-# an SDXL one, for its added text-time embedding to read the conditioning the UNet is given.
-CONTROLNET_FIT = (
-    "cross_attention_dim",
-    "block_out_channels",
-    "layers_per_block",
-    "down_block_types",
-    "in_channels",
-    "addition_embed_type",
-    "addition_time_embed_dim",
-    "projection_class_embeddings_input_dim",
-)
 
 
 def control_misfit(models_dir: Path, control: str, base: str) -> str | None:

@@ -182,6 +182,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--n-scenes", type=int, default=ControlTrainParams.n_scenes)
     parser.add_argument("--lr", type=float, default=ControlTrainParams.lr)
     parser.add_argument("--ema", type=float, default=0.0, help="moving-average decay of the saved weights (0: none)")
+    parser.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=ControlTrainParams.caption_dropout,
+        help="share of empty captions (the paper's 0.5; a ShapesWorld colour is in the caption only)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init", default=None, help="a saved control model to start from (a warm start)")
@@ -196,6 +202,7 @@ def main(argv: list[str]) -> None:
         n_scenes=args.n_scenes,
         lr=args.lr,
         ema_decay=args.ema,
+        caption_dropout=args.caption_dropout,
     )
     out = Path(args.out or REPO_ROOT / "zoo" / f"shapes-{args.kind}-{args.condition}")
     work = Path(args.work or REPO_ROOT / "zoo" / "_runs" / f"{args.kind}-{args.condition}")

@@ -20,6 +20,8 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image
 
+from contract.controls import CONTROLNET_FIT
+
 
 @dataclass(frozen=True)
 class Control:
@@ -61,25 +63,10 @@ def check_controls(controls: Sequence[Control], width: int, height: int) -> None
             raise ValueError(f"{name} needs 0 <= start < end <= 1, got start {control.start} and end {control.end}")
 
 
-# Config fields a ControlNet shares with the UNet it was copied from: its residuals fit the UNet's skip connections
-# only with the same encoder, and an SDXL one reads the added conditioning an SDXL UNet is given (api/catalog.py
-# checks the same fields in the configs on disk).
-FIT = (
-    "cross_attention_dim",
-    "block_out_channels",
-    "layers_per_block",
-    "down_block_types",
-    "in_channels",
-    "addition_embed_type",
-    "addition_time_embed_dim",
-    "projection_class_embeddings_input_dim",
-)
-
-
 def check_fit(name: str, model: ControlNetModel, unet: UNet2DConditionModel) -> None:
     """Raise ValueError naming the field unless the ControlNet `model` has the encoder structure of `unet` (the
     API refuses a misfit first, from the configs on disk; this keeps the method's own contract)."""
-    for key in FIT:
+    for key in CONTROLNET_FIT:
         theirs, ours = model.config.get(key), unet.config.get(key)
         if _plain(theirs) != _plain(ours):
             raise ValueError(f"{name} does not fit the base model: its {key} is {theirs!r}, the UNet's is {ours!r}")

@@ -10,7 +10,7 @@ import torch
 
 from models.common.components import Components
 from tests.conftest import ZOO_MODEL
-from tests.families import sd2_v_components
+from tests.families import sd2_v_components, sdxl_components
 from worker.runtime import DevicePolicy, load_components
 
 
@@ -26,3 +26,10 @@ def sd2v() -> Components:
     """A tiny random SD 2.x-shaped model that predicts v (tests/families.py)."""
     torch.set_num_threads(1)
     return sd2_v_components()
+
+
+@pytest.fixture(scope="module")
+def sdxl() -> Components:
+    """A tiny random SDXL-shaped model (tests/families.py)."""
+    torch.set_num_threads(1)
+    return sdxl_components()

@@ -47,7 +47,6 @@ from tests.families import (
     SDXL_WIDTHS,
     save_folder,
     sd1_components,
-    sdxl_components,
 )
 from worker.runtime import DevicePolicy, load_components, model_bytes
 
@@ -61,12 +60,6 @@ def gen(seed: int) -> torch.Generator:
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
-
-
-@pytest.fixture(scope="module")
-def sdxl() -> Components:
-    torch.set_num_threads(1)
-    return sdxl_components()
 
 
 @pytest.fixture(scope="module")

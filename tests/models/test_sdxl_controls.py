@@ -37,25 +37,11 @@ from models.editing import region_edit, sdedit
 from models.generation import text_to_image
 from models.shapes.world import Scene, ShapeObject, render
 from tests import control_models
-from tests.families import SDXL_IMAGE_SIZE, sd1_components, sdxl_components
-from tests.models.test_sdxl import stock_xl
+from tests.families import SDXL_IMAGE_SIZE, sd1_components
+from tests.models.test_sdxl import gen, pixels, stock_xl
 
 SIZE = SDXL_IMAGE_SIZE
 PROMPT = "a large red circle at the top left"
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(seed)
-
-
-def pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
-
-
-@pytest.fixture(scope="module")
-def sdxl() -> Components:
-    torch.set_num_threads(1)
-    return sdxl_components()
 
 
 @pytest.fixture(scope="module")
