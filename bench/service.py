@@ -2,8 +2,8 @@
 
 Measures, in one run: a 20-step `sdedit` job on the bundled model submitted over HTTP (submit to
 terminal state, warm worker, the client waiting with one long poll `GET /v1/jobs/{id}?wait=30`; then the same jobs
-polled every 20 ms) against the same `run(...)` call made in-process; the cold start of the first job; and how many
-status polls per second the API answers.
+polled every 20 ms) against the same `run(...)` call made in-process, the two taken in turns; the cold start of the
+first job; and how many status polls per second the API answers.
 
 Uses DATABASE_URL / CELERY_BROKER_URL when set (PostgreSQL + Redis), else embedded SQLite and the
 filesystem broker.
@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ def input_png() -> bytes:
     return buffer.getvalue()
 
 
-def in_process(image_bytes: bytes, model_dir: Path) -> list[float]:
+def in_process(image_bytes: bytes, model_dir: Path) -> Callable[[int], float]:
+    """The same job as a `run(...)` call in this process: returns a function that runs it once with a seed and gives
+    its seconds (the model loaded and two runs made first, as the worker is warm)."""
     import torch
     from PIL import Image
 
@@ -54,13 +57,14 @@ def in_process(image_bytes: bytes, model_dir: Path) -> list[float]:
     components = load_components(model_dir, DevicePolicy(torch.device("cpu"), torch.float32, "sdpa"))
     image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
     params = sdedit.Params(prompt="a large blue square at the center", strength=STRENGTH, steps=STEPS)
-    times = []
-    for i in range(N_JOBS + 2):
+
+    def once(seed: int) -> float:
         started = time.perf_counter()
-        sdedit.run(components, params, {"image": image}, generator=torch.Generator("cpu").manual_seed(i))
-        if i >= 2:  # warm-up, as the worker is warm
-            times.append(time.perf_counter() - started)
-    return times
+        sdedit.run(components, params, {"image": image}, generator=torch.Generator("cpu").manual_seed(seed))
+        return time.perf_counter() - started
+
+    once(0), once(1)
+    return once
 
 
 BREAKDOWN: list[dict[str, float]] = []
@@ -205,7 +209,13 @@ def main() -> None:
 
             over_http(http, file_id, 1)  # one more warm-up
             BREAKDOWN.clear()
-            http_times = [over_http(http, file_id, 2 + i) for i in range(N_JOBS)]
+            # Each job over HTTP, then the same call in this process (the worker idle by then): taken in turns, so
+            # that the machine's speed, which drifts over minutes here, weighs on both sides alike.
+            local = in_process(image_bytes, model_dir)
+            http_times, local_times = [], []
+            for i in range(N_JOBS):
+                http_times.append(over_http(http, file_id, 2 + i))
+                local_times.append(local(2 + i))
             polled_times = [over_http(http, file_id, 2 + i, long_poll=False) for i in range(N_JOBS)]
             last_job = http.get("/v1/jobs", params={"limit": 1}).json()["data"][0]["id"]
         polls = poll_throughput(base, headers, f"/v1/jobs/{last_job}")
@@ -215,7 +225,6 @@ def main() -> None:
             stop(worker)
         stop(server)
 
-    local_times = in_process(image_bytes, model_dir)
     http_median, local_median = statistics.median(http_times), statistics.median(local_times)
     polled_median = statistics.median(polled_times)
     ratio = http_median / local_median
