@@ -10,7 +10,10 @@ the job's params by name. This walks every registered spec, imports its runner a
   the request does not carry has a default (a runner-only knob);
 - types: what the request accepts, `Params` is declared to take (an int where a float is taken is fine);
 - defaults: where both have one they are equal (a JSON list is a tuple's equal; a request's `None`, "not
-  given", matches an empty `Params` default);
+  given", matches an empty `Params` default). A field whose default follows the model's domain
+  (`contract/domains.py`) is None in the request, which the API fills in from the job's model, and its `Params`
+  default is the ShapesWorld one (a runner called in process on the zoo); no other request field is None with a
+  `Params` default that is not empty;
 - bounds: each `Params` default passes the request field's own constraints (ranges, lengths, patterns, choices),
   as does each request default (pydantic does not check defaults);
 - the request's OpenAPI examples convert into `Params` with their values intact;
@@ -31,6 +34,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from contract.domains import defaults as domain_defaults
 from contract.params.common import ADAPTER_NAME_FIELD, ControlledRequest, JobRequest
 from contract.registry import methods
 from contract.spec import MethodSpec
@@ -132,9 +136,14 @@ def disagreements(spec: MethodSpec, params_cls: type) -> list[str]:
         info, default = method_fields[name], runner_default(runner_fields[name])
         declared, accepted = kinds(hints[name]), kinds(info.annotation)
         wanted = request_default(info)
+        by_domain = domain_defaults(spec.kind, "shapesworld")
+        if name in by_domain:  # left out, the API fills it in; in process on the zoo, Params' default is used
+            if wanted is not None:
+                found.append(f"{name}: its default follows the model's domain, so the request's must be None")
+            wanted = by_domain[name]
         not_given = wanted is None and default in EMPTY  # the request's None means "absent": the runner's empty
         for kind in sorted(accepted):
-            if not takes(declared, kind) and not (kind == "none" and not_given):
+            if not takes(declared, kind) and not (kind == "none" and (not_given or name in by_domain)):
                 found.append(f"{name}: the request accepts {kind}, Params declares {sorted(declared)}")
         if default is not PydanticUndefined and wanted is not PydanticUndefined and not not_given:
             if as_json(default) != as_json(wanted):
