@@ -7,9 +7,10 @@ it is one with an `atelier.json` holding `{"domain": "shapesworld"}` (the zoo's 
 model, a folder or a single file, is `general`.
 
 A request field these tables name defaults to None ("left out"); the API fills it in from the table for the job's
-model, so the job records the value used, and a runner called in process fills it the same way from the loaded
-model's domain (`fill`). The tables are read by the API, the worker and the model code alike: this module imports
-nothing of theirs.
+model (`fill`), so the job records the value used. A runner's `Params` keeps the ShapesWorld value as its default
+(the bench and the tests call runners in process on the zoo); a caller in process on another model passes the
+values itself. The model code reads the domain (`Components.domain`) for the training captions and corpora
+(`models/personalization/captions.py`). This module imports nothing of the API, the worker or the model code.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 Domain = Literal["shapesworld", "general"]
-DOMAINS: tuple[Domain, ...] = get_args(Domain)
 NOTES_FILE = "atelier.json"
 
 METHOD_DEFAULTS: dict[str, dict[Domain, dict[str, Any]]] = {
