@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from api.schemas import ModelKind, ModelOut
-from contract.controls import CONTROLNET_FIT
+from contract.controls import CONTROLNET_FIT, SDXL_ADAPTER
 from contract.domains import folder_domain
 from contract.registry import methods
 from contract.spec import ModelCapability
@@ -26,7 +26,6 @@ KNOWN_FAMILIES = {
 # A T2I-Adapter has no text width: SD 1.x's is known by its channels, SDXL's by its type (`full_adapter_xl`; its
 # four channels are SD 1.x's: one map per SDXL encoder level and a fourth for the middle block).
 ADAPTER_FAMILIES: dict[tuple[int, ...], str] = {(320, 640, 1280, 1280): "sd1"}
-SDXL_ADAPTER = "full_adapter_xl"
 
 # Condition types guessed from a control model's folder name when it carries no `atelier.json`.
 CONDITION_WORDS = ("canny", "depth", "seg", "mask", "scribble", "sketch", "openpose", "mlsd", "lineart", "normal")

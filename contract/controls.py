@@ -3,6 +3,9 @@ by the model code (from the loaded models) alike."""
 
 from __future__ import annotations
 
+SDXL_ADAPTER = "full_adapter_xl"
+"""The T2I-Adapter type (`adapter_type` in its config) made for SDXL's UNet: it marks an adapter's family."""
+
 CONTROLNET_FIT = (
     "cross_attention_dim",
     "block_out_channels",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import T2IAdapter, UNet2DConditionModel
 
-SDXL_ADAPTER = "full_adapter_xl"  # the adapter type made for SDXL's UNet
+from contract.controls import SDXL_ADAPTER
 
 
 @dataclass(frozen=True)
